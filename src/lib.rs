@@ -1,0 +1,35 @@
+//! tlsbridge: a TLS upgrade proxy. Devices that only speak legacy TLS (or none) connect to it;
+//! it terminates their TLS with OpenSSL, opens its own TLS 1.2+ connection to the upstream
+//! (Microsoft 365) with rustls, always verifying it, relays the bytes, and logs every
+//! downgraded device.
+//!
+//! # Layout
+//! A connection's way, one module per phase:
+//! - [`listener`]: accept, ACL, limits, one task per connection.
+//! - [`device`]: the device-side dialog (STARTTLS server role) and the OpenSSL handshake.
+//! - [`upstream`]: connect, the upstream dialog (STARTTLS client role), the rustls handshake;
+//!   started at accept time in parallel with the device leg.
+//! - [`greeting`]: reconciles who expects a greeting.
+//! - [`relay`]: both directions with half-close, idle timeout and byte counts.
+//! - [`audit`]: the `legacy_client` and `session_closed` events.
+//!
+//! [`session`] strings the phases together; [`server`] owns the shared state and shutdown.
+//! Around them: [`config`] (layered TOML), [`certs`] (the local CA), [`tls`] (both TLS ends),
+//! [`protocol`] (SMTP, IMAP and POP3 dialogs, both roles, over any async stream).
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod certs;
+pub mod cli;
+pub mod config;
+pub mod device;
+pub mod greeting;
+pub mod listener;
+pub mod logging;
+pub mod protocol;
+pub mod relay;
+pub mod server;
+pub mod session;
+pub mod signals;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,101 @@
+//! The `tlsbridge` binary: parses the command line, sets up logging, loads the configuration
+//! and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tlsbridge::cli::{self, EXIT_USAGE};
+use tlsbridge::config::{Config, LogFormat};
+use tlsbridge::server::Server;
+
+#[derive(Parser)]
+#[command(name = "tlsbridge", version = version(), about = "TLS upgrade proxy: legacy devices in, verified TLS 1.2+ to Microsoft 365 out")]
+struct Cli {
+    /// Configuration file, layered over the embedded defaults.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log format (overrides log.format).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration and print the effective routes.
+    Check,
+    /// Manage the local CA and the device certificate.
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Create the local CA and the device certificate where missing.
+    Init,
+    /// Show the device certificate and the local CA.
+    Show,
+    /// Print the local CA certificate (PEM), to import into devices that verify their server.
+    ExportCa,
+}
+
+fn version() -> String {
+    let legacy = if tlsbridge::tls::legacy::has_ssl3() {
+        "available"
+    } else {
+        "not available"
+    };
+    format!(
+        "{}\n{} (SSLv3: {legacy})",
+        env!("CARGO_PKG_VERSION"),
+        openssl::version::version()
+    )
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("tlsbridge: invalid configuration: {err}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(config, cli.log_format),
+        Command::Check => print(cli::check::check(&config)),
+        Command::Certs { action } => print(match action {
+            CertsAction::Init => cli::certs::init(&config.device_tls),
+            CertsAction::Show => cli::certs::show(&config.device_tls),
+            CertsAction::ExportCa => cli::certs::export_ca(&config.device_tls),
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tlsbridge: {err:#}");
+            ExitCode::from(cli::exit_code(&err))
+        }
+    }
+}
+
+fn print(output: anyhow::Result<String>) -> anyhow::Result<()> {
+    print!("{}", output?);
+    Ok(())
+}
+
+fn run(config: Config, log_format: Option<LogFormat>) -> anyhow::Result<()> {
+    tlsbridge::logging::init(&config.log.level, log_format.unwrap_or(config.log.format))
+        .map_err(tlsbridge::config::ConfigError::from_anyhow)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let server = Server::bind(config).await?;
+        server.run(tlsbridge::signals::shutdown()).await
+    })
+}

@@ -1,0 +1,331 @@
+//! SMTP (RFC 5321 + RFC 3207 STARTTLS): the server role towards the device and the client role
+//! towards the upstream, up to the start of TLS.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{
+    verb, DialogError, LineConn, StartTls, UpstreamDialogError, MAX_COMMANDS, MAX_REPLY_LINES,
+};
+
+/// Serves banner, EHLO/HELO, NOOP, RSET and QUIT until the device sends STARTTLS.
+pub async fn device_until_starttls<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+    server_name: &str,
+) -> Result<StartTls, DialogError> {
+    conn.send(format!("220 {server_name} ESMTP tlsbridge ready\r\n").as_bytes())
+        .await?;
+    let mut start = StartTls::default();
+    for _ in 0..MAX_COMMANDS {
+        let line = match conn.read_text().await {
+            Err(DialogError::LineTooLong) => {
+                conn.send(b"500 5.5.2 Line too long\r\n").await?;
+                return Err(DialogError::LineTooLong);
+            }
+            line => line?,
+        };
+        let (verb, arg) = verb(&line);
+        let reply = match verb.as_str() {
+            "EHLO" | "HELO" if arg.is_empty() => "501 5.5.4 Syntax: EHLO hostname\r\n".to_string(),
+            "EHLO" => {
+                start.client_name = Some(printable(arg));
+                format!("250-{server_name}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n")
+            }
+            "HELO" => {
+                start.client_name = Some(printable(arg));
+                format!("250 {server_name}\r\n")
+            }
+            "NOOP" | "RSET" => "250 2.0.0 OK\r\n".to_string(),
+            "QUIT" => {
+                conn.send(b"221 2.0.0 Bye\r\n").await?;
+                return Err(DialogError::Quit);
+            }
+            "STARTTLS" if !arg.is_empty() => "501 5.5.4 Syntax: STARTTLS\r\n".to_string(),
+            "STARTTLS" => return Ok(start),
+            _ => "530 5.7.0 Must issue a STARTTLS command first\r\n".to_string(),
+        };
+        conn.send(reply.as_bytes()).await?;
+    }
+    conn.send(b"421 4.7.0 Too many commands before STARTTLS\r\n")
+        .await?;
+    Err(DialogError::TooManyCommands)
+}
+
+/// Reads the banner, sends EHLO, requires STARTTLS among the extensions, sends STARTTLS and
+/// expects 220. Returns the banner as received. The extensions are dropped: they were sent
+/// before TLS and mean nothing after it.
+pub async fn upstream_starttls<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+    client_name: &str,
+) -> Result<Vec<u8>, UpstreamDialogError> {
+    let banner = read_greeting(conn).await?;
+    conn.send(format!("EHLO {client_name}\r\n").as_bytes())
+        .await
+        .map_err(DialogError::from)?;
+    let ehlo = read_reply(conn).await?;
+    if ehlo.code != 250 {
+        return Err(UpstreamDialogError::Unexpected(format!(
+            "EHLO answered {}",
+            ehlo.first_line()
+        )));
+    }
+    let offers_starttls = ehlo.lines.iter().skip(1).any(|line| {
+        line.get(4..)
+            .and_then(|ext| ext.split_whitespace().next())
+            .is_some_and(|ext| ext.eq_ignore_ascii_case("STARTTLS"))
+    });
+    if !offers_starttls {
+        return Err(UpstreamDialogError::NoStarttls);
+    }
+    conn.send(b"STARTTLS\r\n")
+        .await
+        .map_err(DialogError::from)?;
+    let reply = read_reply(conn).await?;
+    if reply.code != 220 {
+        return Err(UpstreamDialogError::StarttlsRefused(reply.first_line()));
+    }
+    Ok(banner)
+}
+
+/// Reads the server's banner: a 220 reply, possibly multi-line.
+pub async fn read_greeting<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+) -> Result<Vec<u8>, UpstreamDialogError> {
+    let banner = read_reply(conn).await?;
+    if banner.code != 220 {
+        return Err(UpstreamDialogError::Greeting(banner.first_line()));
+    }
+    Ok(banner.raw)
+}
+
+/// One SMTP reply: its code, its lines as text and the bytes as received.
+#[derive(Debug)]
+pub struct Reply {
+    pub code: u16,
+    pub lines: Vec<String>,
+    pub raw: Vec<u8>,
+}
+
+impl Reply {
+    fn first_line(&self) -> String {
+        printable(self.lines.first().map(String::as_str).unwrap_or(""))
+    }
+}
+
+/// Reads a reply: lines `NNN-text` continue it, `NNN text` (or bare `NNN`) ends it.
+pub async fn read_reply<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+) -> Result<Reply, UpstreamDialogError> {
+    let mut reply = Reply {
+        code: 0,
+        lines: Vec::new(),
+        raw: Vec::new(),
+    };
+    for _ in 0..MAX_REPLY_LINES {
+        let raw = conn.read_line().await?;
+        let line = String::from_utf8_lossy(&raw)
+            .trim_end_matches(['\r', '\n'])
+            .to_string();
+        let code = line
+            .get(..3)
+            .filter(|code| code.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|code| code.parse::<u16>().ok())
+            .ok_or_else(|| {
+                UpstreamDialogError::Unexpected(format!("not an SMTP reply: {}", printable(&line)))
+            })?;
+        if reply.code != 0 && code != reply.code {
+            return Err(UpstreamDialogError::Unexpected(
+                "reply lines with different codes".into(),
+            ));
+        }
+        reply.code = code;
+        reply.raw.extend_from_slice(&raw);
+        let more = line.as_bytes().get(3) == Some(&b'-');
+        reply.lines.push(line);
+        if !more {
+            return Ok(reply);
+        }
+    }
+    Err(UpstreamDialogError::Unexpected(format!(
+        "reply longer than {MAX_REPLY_LINES} lines"
+    )))
+}
+
+/// Keeps a peer-chosen string safe for logs: printable ASCII only, bounded length.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(120)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    async fn read_until(peer: &mut DuplexStream, needle: &str) -> String {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            let n = peer.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before {needle:?}; got {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(seen).unwrap()
+    }
+
+    #[tokio::test]
+    async fn device_dialog_reaches_starttls_and_keeps_pipelined_bytes_apart() {
+        let (ours, mut device) = duplex(4096);
+        let task = tokio::spawn(async move {
+            let mut conn = LineConn::new(ours);
+            let start = device_until_starttls(&mut conn, "gw.lan").await;
+            (start, conn.into_parts().1)
+        });
+        assert!(read_until(&mut device, "\r\n")
+            .await
+            .starts_with("220 gw.lan ESMTP"));
+        device.write_all(b"EHLO scanner-mx3070\r\n").await.unwrap();
+        let ehlo = read_until(&mut device, "250 STARTTLS\r\n").await;
+        assert!(ehlo.starts_with("250-gw.lan\r\n"), "{ehlo}");
+        device.write_all(b"MAIL FROM:<a@b>\r\n").await.unwrap();
+        assert_eq!(
+            read_until(&mut device, "\r\n").await,
+            "530 5.7.0 Must issue a STARTTLS command first\r\n"
+        );
+        device.write_all(b"noop\r\nRSET\r\n").await.unwrap();
+        read_until(&mut device, "250 2.0.0 OK\r\n250 2.0.0 OK\r\n").await;
+        device.write_all(b"STARTTLS\r\nRSET\r\n").await.unwrap();
+        let (start, leftover) = task.await.unwrap();
+        assert_eq!(
+            start.unwrap().client_name.as_deref(),
+            Some("scanner-mx3070")
+        );
+        assert_eq!(
+            leftover, b"RSET\r\n",
+            "pipelined bytes are handed back, not consumed"
+        );
+    }
+
+    #[tokio::test]
+    async fn device_dialog_limits_line_length_and_command_count() {
+        let (ours, mut device) = duplex(8192);
+        let task =
+            tokio::spawn(
+                async move { device_until_starttls(&mut LineConn::new(ours), "gw").await },
+            );
+        read_until(&mut device, "\r\n").await;
+        device.write_all(&[b'A'; 600]).await.unwrap();
+        assert!(read_until(&mut device, "\r\n")
+            .await
+            .starts_with("500 5.5.2"));
+        assert!(matches!(task.await.unwrap(), Err(DialogError::LineTooLong)));
+
+        let (ours, mut device) = duplex(8192);
+        let task =
+            tokio::spawn(
+                async move { device_until_starttls(&mut LineConn::new(ours), "gw").await },
+            );
+        device
+            .write_all("NOOP\r\n".repeat(MAX_COMMANDS + 1).as_bytes())
+            .await
+            .unwrap();
+        read_until(&mut device, "421 4.7.0").await;
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(DialogError::TooManyCommands)
+        ));
+    }
+
+    #[tokio::test]
+    async fn device_quit_and_eof_end_the_dialog() {
+        let (ours, mut device) = duplex(1024);
+        let task =
+            tokio::spawn(
+                async move { device_until_starttls(&mut LineConn::new(ours), "gw").await },
+            );
+        device.write_all(b"QUIT\r\n").await.unwrap();
+        read_until(&mut device, "221 2.0.0 Bye\r\n").await;
+        assert!(matches!(task.await.unwrap(), Err(DialogError::Quit)));
+
+        let (ours, device) = duplex(1024);
+        drop(device);
+        let err = device_until_starttls(&mut LineConn::new(ours), "gw")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, DialogError::Io(_) | DialogError::Closed),
+            "{err:?}"
+        );
+    }
+
+    /// Plays a scripted upstream: each entry is (expected command, reply to send).
+    async fn upstream(
+        script: &'static [(&'static str, &'static str)],
+    ) -> Result<(Vec<u8>, Vec<u8>), UpstreamDialogError> {
+        let (ours, mut server) = duplex(4096);
+        tokio::spawn(async move {
+            for (expect, reply) in script {
+                if !expect.is_empty() {
+                    let got = read_until(&mut server, "\r\n").await;
+                    assert!(got.starts_with(expect), "expected {expect:?}, got {got:?}");
+                }
+                server.write_all(reply.as_bytes()).await.unwrap();
+            }
+            let mut rest = Vec::new();
+            let _ = server.read_to_end(&mut rest).await;
+        });
+        let mut conn = LineConn::new(ours);
+        let banner = upstream_starttls(&mut conn, "gw").await?;
+        Ok((banner, conn.into_parts().1))
+    }
+
+    #[tokio::test]
+    async fn upstream_dialog_reaches_tls() {
+        let (banner, leftover) = upstream(&[
+            ("", "220-smtp.example ESMTP\r\n220 ready\r\n"),
+            (
+                "EHLO gw",
+                "250-smtp.example\r\n250-SIZE 1000\r\n250-STARTTLS\r\n250 8BITMIME\r\n",
+            ),
+            ("STARTTLS", "220 2.0.0 SMTP server ready\r\n"),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(banner, b"220-smtp.example ESMTP\r\n220 ready\r\n");
+        assert!(leftover.is_empty());
+    }
+
+    #[tokio::test]
+    async fn upstream_dialog_fails_closed() {
+        let no_starttls =
+            upstream(&[("", "220 x\r\n"), ("EHLO", "250-x\r\n250 AUTH LOGIN\r\n")]).await;
+        assert!(matches!(no_starttls, Err(UpstreamDialogError::NoStarttls)));
+        let refused = upstream(&[
+            ("", "220 x\r\n"),
+            ("EHLO", "250-x\r\n250 STARTTLS\r\n"),
+            ("STARTTLS", "454 4.7.0 TLS not available\r\n"),
+        ])
+        .await;
+        assert!(
+            matches!(refused, Err(UpstreamDialogError::StarttlsRefused(ref r)) if r.contains("454"))
+        );
+        let busy = upstream(&[("", "554 5.3.2 go away\r\n")]).await;
+        assert!(matches!(busy, Err(UpstreamDialogError::Greeting(_))));
+        let garbage = upstream(&[("", "HTTP/1.1 400 Bad Request\r\n")]).await;
+        assert!(matches!(garbage, Err(UpstreamDialogError::Unexpected(_))));
+        // Bytes after the 220 stay in the buffer for the caller to refuse.
+        let (_, leftover) = upstream(&[
+            ("", "220 x\r\n"),
+            ("EHLO", "250-x\r\n250 STARTTLS\r\n"),
+            ("STARTTLS", "220 go ahead\r\n250 injected\r\n"),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(leftover, b"250 injected\r\n");
+    }
+}

@@ -1,0 +1,251 @@
+//! One connection's way through the phases: the device leg and the upstream leg in parallel,
+//! then the greeting, the relay and the closing audit event.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+use tracing::{debug, warn};
+
+use crate::audit::SessionRecord;
+use crate::config::{DeviceMode, Upstream};
+use crate::device::{self, DeviceStream};
+use crate::greeting;
+use crate::listener::RouteCtx;
+use crate::protocol::{self, DialogError};
+use crate::relay::{self, End};
+use crate::server::Shared;
+use crate::tls::legacy::HandshakeError;
+use crate::upstream::{PendingUpstream, Target, UpstreamError, UpstreamLeg};
+
+/// Why a session ended early: a short outcome for logs and metrics, and the full cause.
+#[derive(Debug)]
+struct Failure {
+    outcome: &'static str,
+    detail: String,
+    bytes: (u64, u64),
+}
+
+impl Failure {
+    fn new(outcome: &'static str, detail: impl ToString) -> Failure {
+        Failure {
+            outcome,
+            detail: detail.to_string(),
+            bytes: (0, 0),
+        }
+    }
+
+    fn upstream(err: &UpstreamError) -> Failure {
+        Failure::new(upstream_outcome(err), format!("{err:#}"))
+    }
+}
+
+/// Runs one session to its end and logs `session_closed`.
+pub async fn run(route: Arc<RouteCtx>, shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let mut record = SessionRecord::new(
+        &route.route.name,
+        peer,
+        route.route.protocol,
+        route.route.upstream.to_string(),
+    );
+    match drive(&route, &shared, tcp, &mut record).await {
+        Ok((up, down)) => record.closed(up, down, "ok", None),
+        Err(failure) => {
+            let (up, down) = failure.bytes;
+            record.closed(up, down, failure.outcome, Some(&failure.detail));
+        }
+    }
+}
+
+async fn drive(
+    route: &RouteCtx,
+    shared: &Shared,
+    tcp: TcpStream,
+    record: &mut SessionRecord,
+) -> Result<(u64, u64), Failure> {
+    let config = &route.route;
+    let mut pending = match &config.upstream {
+        Upstream::Fixed { host, port } => Some(start_upstream(shared, route, host, *port)),
+        Upstream::Sni { .. } => None,
+    };
+    let deadline = Instant::now() + shared.config.device_tls.handshake_timeout;
+    let device_timeout = || {
+        Failure::new(
+            "device_timeout",
+            "device dialog and handshake exceeded device_tls.handshake_timeout",
+        )
+    };
+    let mut ready: Option<UpstreamLeg> = None;
+    let (mut device, tls) = match config.device_tls {
+        DeviceMode::Starttls => {
+            let (mut conn, start) = timeout_at(
+                deadline,
+                device::dialog(config.protocol, tcp, shared.server_name()),
+            )
+            .await
+            .map_err(|_| device_timeout())?
+            .map_err(dialog_failure)?;
+            record.client_name = start.client_name.clone();
+            // STARTTLS is answered only once the upstream leg stands, so a failure can still be
+            // given as the protocol's "TLS not available" reply.
+            let leg = match pending.as_mut() {
+                Some(pending) => pending.wait().await,
+                None => Err(UpstreamError::Internal),
+            };
+            let leg = match leg {
+                Ok(leg) => leg,
+                Err(err) => {
+                    let _ = conn
+                        .send(&protocol::starttls_refused(
+                            config.protocol,
+                            &start,
+                            err.reason(),
+                        ))
+                        .await;
+                    return Err(Failure::upstream(&err));
+                }
+            };
+            ready = Some(leg);
+            conn.send(&protocol::starttls_accepted(config.protocol, &start))
+                .await
+                .map_err(|err| Failure::new("device_closed", err))?;
+            let (tcp, pipelined) = conn.into_parts();
+            if !pipelined.is_empty() {
+                warn!(
+                    bytes = pipelined.len(),
+                    "discarded bytes the device sent after STARTTLS (injection attempt?)"
+                );
+            }
+            let (stream, info) =
+                timeout_at(deadline, device::handshake(&shared.acceptor, tcp, None))
+                    .await
+                    .map_err(|_| device_timeout())?
+                    .map_err(handshake_failure)?;
+            (stream, Some(info))
+        }
+        DeviceMode::Tls => {
+            let (stream, info) = timeout_at(
+                deadline,
+                device::handshake(&shared.acceptor, tcp, route.sni_allow.clone()),
+            )
+            .await
+            .map_err(|_| device_timeout())?
+            .map_err(handshake_failure)?;
+            (stream, Some(info))
+        }
+        DeviceMode::Plain => (DeviceStream::Plain(tcp), None),
+    };
+    record.device_established(tls.as_ref());
+    let leg = match ready {
+        Some(leg) => Ok(leg),
+        None => {
+            let port = match config.upstream {
+                Upstream::Fixed { port, .. } | Upstream::Sni { port } => port,
+            };
+            let sni = tls.as_ref().and_then(|t| t.sni.clone()).unwrap_or_default();
+            pending
+                .get_or_insert_with(|| start_upstream(shared, route, &sni, port))
+                .wait()
+                .await
+        }
+    };
+    let mut leg = match leg {
+        Ok(leg) => leg,
+        Err(err) => {
+            if let Some(reply) = protocol::failure_reply(config.protocol, err.reason()) {
+                let _ = device.write_all(&reply).await;
+            }
+            let _ = device.shutdown().await;
+            return Err(Failure::upstream(&err));
+        }
+    };
+    record.upstream_established(&leg);
+    greeting::reconcile(config, &mut device, &leg)
+        .await
+        .map_err(|err| Failure::new("device_closed", err))?;
+    let relayed = relay::run(
+        &mut device,
+        &mut leg.stream,
+        shared.config.limits.idle_timeout,
+        &shared.cancel,
+    )
+    .await;
+    let bytes = (relayed.bytes_up, relayed.bytes_down);
+    let failure = match relayed.end {
+        End::Clean => return Ok(bytes),
+        End::Idle => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), device.shutdown()).await;
+            Failure::new("idle_timeout", "no data either way for limits.idle_timeout")
+        }
+        End::Upstream(err) => {
+            // Not a clean end: reset the device leg rather than send close_notify, so the device
+            // can tell a truncated reply from a complete one.
+            let _ = device.tcp().set_zero_linger();
+            Failure::new(
+                "upstream_aborted",
+                format!("upstream leg ended abnormally: {err}"),
+            )
+        }
+        End::Device(err) => {
+            let _ = leg.stream.get_ref().0.set_zero_linger();
+            Failure::new(
+                "device_aborted",
+                format!("device leg ended abnormally: {err}"),
+            )
+        }
+        End::Cancelled => Failure::new("shutdown", "closed at the end of the drain time"),
+    };
+    Err(Failure { bytes, ..failure })
+}
+
+fn start_upstream(shared: &Shared, route: &RouteCtx, host: &str, port: u16) -> PendingUpstream {
+    let target = Target {
+        host: host.to_string(),
+        port,
+        protocol: route.route.protocol,
+        mode: route.route.upstream_tls,
+        client_name: shared.server_name().to_string(),
+        timeout: shared.config.upstream_tls.connect_timeout,
+    };
+    debug!(upstream = %format!("{host}:{port}"), "starting upstream leg");
+    PendingUpstream::start(target, shared.connector.clone())
+}
+
+fn upstream_outcome(err: &UpstreamError) -> &'static str {
+    match err.reason() {
+        "dns" => "upstream_dns",
+        "connection_refused" => "upstream_refused",
+        "connect_failed" => "upstream_connect_failed",
+        "timeout" => "upstream_timeout",
+        "certificate_invalid" => "upstream_certificate_invalid",
+        "protocol_version" => "upstream_protocol_version",
+        "no_starttls" => "upstream_no_starttls",
+        "starttls_refused" => "upstream_starttls_refused",
+        "starttls_injection" => "upstream_starttls_injection",
+        "greeting_refused" => "upstream_greeting_refused",
+        "dialog_failed" => "upstream_dialog_failed",
+        _ => "upstream_tls_failed",
+    }
+}
+
+fn dialog_failure(err: DialogError) -> Failure {
+    let outcome = match err {
+        DialogError::Quit => "device_quit",
+        DialogError::Closed | DialogError::Io(_) => "device_closed",
+        DialogError::LineTooLong | DialogError::TooManyCommands | DialogError::Protocol(_) => {
+            "device_protocol_error"
+        }
+    };
+    Failure::new(outcome, err)
+}
+
+fn handshake_failure(err: HandshakeError) -> Failure {
+    let outcome = match err {
+        HandshakeError::SniRefused(_) => "sni_refused",
+        HandshakeError::Failed(_) => "device_handshake_failed",
+    };
+    Failure::new(outcome, err)
+}
