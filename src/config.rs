@@ -98,11 +98,14 @@ pub struct UpstreamTlsConfig {
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     pub max_connections: usize,
+    /// 0: no per-address limit.
     pub max_connections_per_ip: usize,
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
     #[serde(deserialize_with = "duration")]
     pub drain_timeout: Duration,
+    /// Devices kept in the inventory; the least recently seen are dropped past it.
+    pub max_inventory_clients: usize,
 }
 
 /// The lowest protocol version the legacy acceptor takes from devices.
@@ -128,7 +131,7 @@ pub enum ModernVersion {
 }
 
 /// The application protocol a route speaks; it decides the dialog before STARTTLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Smtp,

@@ -18,15 +18,19 @@
 //! [`protocol`] (SMTP, IMAP and POP3 dialogs, both roles, over any async stream).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod audit;
 pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod device;
 pub mod greeting;
+pub mod inventory;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod server;
 pub mod session;

@@ -11,7 +11,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{field, info_span, warn, Instrument};
 
-use crate::audit::SessionRecord;
 use crate::config::{DeviceMode, Protocol, Route};
 use crate::server::Shared;
 use crate::session;
@@ -32,7 +31,7 @@ impl RouteCtx {
         RouteCtx { route, sni_allow }
     }
 
-    fn allows(&self, ip: IpAddr) -> bool {
+    pub fn allows(&self, ip: IpAddr) -> bool {
         self.route.allow.iter().any(|net| net.contains(&ip))
     }
 }
@@ -62,52 +61,41 @@ pub async fn serve(
         };
         backoff = Duration::from_millis(10);
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        if !route.allows(peer.ip()) {
-            refuse(
-                &route,
+        // Behind a load balancer the socket's peer is the balancer: it must be a trusted one.
+        let (trusted, why) = match route.route.proxy_protocol {
+            true => (&route.route.proxy_from, "proxy_untrusted"),
+            false => (&route.route.allow, "acl_denied"),
+        };
+        if !trusted.iter().any(|net| net.contains(&peer.ip())) {
+            shared.sinks.refused(
+                &route.route,
                 peer,
-                "acl_denied",
-                "peer address is outside the route's allow list",
+                why,
+                "peer address is not in the route's allow (or proxy_from) list",
             );
             continue;
         }
-        let Some(admission) = shared.admission.admit(peer.ip()) else {
-            refuse_busy(&route, tcp, peer);
+        let Some(permit) = shared.admission.global() else {
+            refuse_busy(&route, &shared, tcp, peer);
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let span = info_span!(
             "conn",
             route = %route.route.name,
-            peer = %peer,
+            peer = field::Empty,
             device_tls = field::Empty,
             cipher = field::Empty,
             upstream_tls = field::Empty,
         );
-        let (route, shared_for_task) = (route.clone(), shared.clone());
-        shared.tracker.spawn(
-            async move {
-                session::run(route, shared_for_task, tcp, peer).await;
-                drop(admission);
-            }
-            .instrument(span),
-        );
+        let task = session::run(route.clone(), shared.clone(), tcp, peer, permit);
+        shared.tracker.spawn(task.instrument(span));
     }
-}
-
-fn refuse(route: &RouteCtx, peer: SocketAddr, outcome: &str, why: &str) {
-    let r = &route.route;
-    SessionRecord::new(&r.name, peer, r.protocol, r.upstream.to_string()).closed(
-        0,
-        0,
-        outcome,
-        Some(why),
-    );
 }
 
 /// Over a limit: plaintext protocols get their "try later" reply without waiting (a fresh
 /// socket's send buffer is empty, so `try_write` does not block), then the socket closes.
-fn refuse_busy(route: &RouteCtx, tcp: TcpStream, peer: SocketAddr) {
+pub fn refuse_busy(route: &RouteCtx, shared: &Shared, tcp: TcpStream, peer: SocketAddr) {
     if route.route.device_tls != DeviceMode::Tls {
         let reply: &[u8] = match route.route.protocol {
             Protocol::Smtp => b"421 4.7.0 too many connections, try again later\r\n",
@@ -117,12 +105,10 @@ fn refuse_busy(route: &RouteCtx, tcp: TcpStream, peer: SocketAddr) {
         };
         let _ = tcp.try_write(reply);
     }
-    refuse(
-        route,
-        peer,
-        "too_many_connections",
-        "limits.max_connections or limits.max_connections_per_ip reached",
-    );
+    let why = "limits.max_connections or limits.max_connections_per_ip reached";
+    shared
+        .sinks
+        .refused(&route.route, peer, "too_many_connections", why);
 }
 
 /// The global and per-IP connection limits.
@@ -132,9 +118,8 @@ pub struct Admission {
     max_per_ip: usize,
 }
 
-/// Held by a session; gives its places back when dropped.
-pub struct Admitted {
-    _permit: OwnedSemaphorePermit,
+/// A session's place under the per-IP limit; given back when dropped.
+pub struct IpPlace {
     ip: IpAddr,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
@@ -149,28 +134,27 @@ impl Admission {
         }
     }
 
-    pub fn admit(&self, ip: IpAddr) -> Option<Admitted> {
-        let permit = self.global.clone().try_acquire_owned().ok()?;
+    /// A place under `limits.max_connections`.
+    pub fn global(&self) -> Option<OwnedSemaphorePermit> {
+        self.global.clone().try_acquire_owned().ok()
+    }
+
+    /// A place under `limits.max_connections_per_ip` for the device's (real) address.
+    pub fn per_ip(&self, ip: IpAddr) -> Option<IpPlace> {
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let count = per_ip.entry(ip).or_insert(0);
         if self.max_per_ip > 0 && *count >= self.max_per_ip {
             return None;
         }
         *count += 1;
-        Some(Admitted {
-            _permit: permit,
+        Some(IpPlace {
             ip,
             per_ip: self.per_ip.clone(),
         })
     }
-
-    /// Sessions open right now.
-    pub fn active(&self, max: usize) -> usize {
-        max - self.global.available_permits()
-    }
 }
 
-impl Drop for Admitted {
+impl Drop for IpPlace {
     fn drop(&mut self) {
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(count) = per_ip.get_mut(&self.ip) {
@@ -188,17 +172,20 @@ mod tests {
 
     #[test]
     fn admission_counts_global_and_per_ip_places() {
-        let admission = Admission::new(3, 2);
+        let admission = Admission::new(2, 2);
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let first = admission.admit(a).unwrap();
-        let _second = admission.admit(a).unwrap();
-        assert!(admission.admit(a).is_none(), "per-IP limit");
-        let _third = admission.admit(b).unwrap();
-        assert!(admission.admit(b).is_none(), "global limit");
+        let first = admission.per_ip(a).unwrap();
+        let _second = admission.per_ip(a).unwrap();
+        assert!(admission.per_ip(a).is_none(), "per-IP limit");
+        let _other = admission
+            .per_ip(b)
+            .expect("other addresses are not affected");
         drop(first);
         let _again = admission
-            .admit(a)
+            .per_ip(a)
             .expect("places come back when a session ends");
         assert_eq!(admission.per_ip.lock().unwrap().get(&a), Some(&2));
+        let (_g1, _g2) = (admission.global().unwrap(), admission.global().unwrap());
+        assert!(admission.global().is_none(), "global limit");
     }
 }

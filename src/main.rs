@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tlsbridge::cli::{self, EXIT_USAGE};
-use tlsbridge::config::{Config, LogFormat};
+use tlsbridge::config::{Config, LogFormat, Protocol};
 use tlsbridge::server::Server;
 
 #[derive(Parser)]
@@ -33,6 +33,39 @@ enum Command {
         #[command(subcommand)]
         action: CertsAction,
     },
+    /// Print the legacy-device inventory (from the running instance, else the state file).
+    Inventory {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Connect to an upstream exactly as the upstream leg would and show what it presents.
+    Probe {
+        /// A route name, or HOST:PORT.
+        target: String,
+        /// Speak this protocol's STARTTLS first (HOST:PORT targets; routes know their own).
+        #[arg(long, value_enum)]
+        starttls: Option<Starttls>,
+    },
+    /// Exit 0 when the running instance's /healthz answers (for container health checks).
+    Health,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Starttls {
+    Smtp,
+    Imap,
+    Pop3,
+}
+
+impl From<Starttls> for Protocol {
+    fn from(p: Starttls) -> Protocol {
+        match p {
+            Starttls::Smtp => Protocol::Smtp,
+            Starttls::Imap => Protocol::Imap,
+            Starttls::Pop3 => Protocol::Pop3,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -75,6 +108,16 @@ fn main() -> ExitCode {
             CertsAction::Show => cli::certs::show(&config.device_tls),
             CertsAction::ExportCa => cli::certs::export_ca(&config.device_tls),
         }),
+        Command::Inventory { json } => {
+            cli::inventory::inventory(&config, json).map(|(out, source)| {
+                eprintln!("{source}");
+                print!("{out}");
+            })
+        }
+        Command::Probe { target, starttls } => {
+            probe(&config, &target, starttls.map(Protocol::from))
+        }
+        Command::Health => print(cli::health::health(&config)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -90,12 +133,25 @@ fn print(output: anyhow::Result<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn probe(config: &Config, target: &str, starttls: Option<Protocol>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (report, ok) = runtime.block_on(cli::probe::probe(config, target, starttls))?;
+    print!("{report}");
+    if !ok {
+        anyhow::bail!("the upstream leg to {target} would fail");
+    }
+    Ok(())
+}
+
 fn run(config: Config, log_format: Option<LogFormat>) -> anyhow::Result<()> {
     tlsbridge::logging::init(&config.log.level, log_format.unwrap_or(config.log.format))
         .map_err(tlsbridge::config::ConfigError::from_anyhow)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let server = Server::bind(config).await?;
+        tlsbridge::signals::reload_on_hangup(server.shared());
         server.run(tlsbridge::signals::shutdown()).await
     })
 }

@@ -1,20 +1,29 @@
-//! The running proxy: shared TLS state, one listener per route, graceful shutdown.
+//! The running proxy: shared TLS state, one listener per route, the admin endpoint, the
+//! inventory's persistence, reload and graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::admin::{self, AdminState};
+use crate::audit::Sinks;
 use crate::certs::{self, Provision};
 use crate::config::{Config, ConfigError};
+use crate::inventory::Inventory;
 use crate::listener::{self, Admission, RouteCtx};
 use crate::tls::legacy::LegacyAcceptor;
 use crate::tls::modern::ModernConnector;
+
+/// How often the inventory is written to `state_dir` (and once more at shutdown).
+const SAVE_EVERY: Duration = Duration::from_secs(60);
 
 /// What every session shares.
 pub struct Shared {
@@ -22,6 +31,7 @@ pub struct Shared {
     pub acceptor: LegacyAcceptor,
     pub connector: Arc<ModernConnector>,
     pub admission: Admission,
+    pub sinks: Arc<Sinks>,
     /// Every session task, so shutdown can wait for them.
     pub tracker: TaskTracker,
     /// Cancelled when the drain time is over: open relays stop.
@@ -38,18 +48,41 @@ impl Shared {
             .map(String::as_str)
             .unwrap_or("localhost")
     }
+
+    /// Re-reads the device certificate and key and the upstream `extra_roots`. New connections
+    /// use the new files; open sessions keep what they have. A bad file keeps the old state.
+    pub fn reload(&self) {
+        match self.acceptor.reload(&self.config.device_tls) {
+            Ok(()) => {
+                info!(cert = %self.config.device_tls.cert.display(), "reloaded the device certificate")
+            }
+            Err(err) => {
+                error!(error = %format!("{err:#}"), "reload failed; keeping the previous device certificate")
+            }
+        }
+        match self.connector.reload(&self.config.upstream_tls) {
+            Ok(()) => info!(
+                extra_roots = self.config.upstream_tls.extra_roots.len(),
+                "reloaded the upstream roots"
+            ),
+            Err(err) => {
+                error!(error = %format!("{err:#}"), "reload failed; keeping the previous upstream roots")
+            }
+        }
+    }
 }
 
 /// A proxy whose listeners are bound, ready to `run`.
 pub struct Server {
     shared: Arc<Shared>,
     listeners: Vec<(Arc<RouteCtx>, TcpListener)>,
+    admin: Option<TcpListener>,
 }
 
 impl Server {
-    /// Prepares certificates and TLS state and binds every route's listener.
+    /// Prepares certificates, TLS state and the inventory, and binds every listener.
     pub async fn bind(config: Config) -> Result<Server> {
-        let setup = |err| ConfigError::from_anyhow(err);
+        let setup = ConfigError::from_anyhow;
         match certs::ensure(&config.device_tls).map_err(setup)? {
             Provision::Existing => {}
             Provision::Generated { new_ca } => info!(
@@ -61,6 +94,8 @@ impl Server {
         }
         let acceptor = LegacyAcceptor::new(&config.device_tls).map_err(setup)?;
         let connector = Arc::new(ModernConnector::new(&config.upstream_tls).map_err(setup)?);
+        let inventory = Inventory::load(&config.state_dir, config.limits.max_inventory_clients)
+            .map_err(setup)?;
         let mut listeners = Vec::new();
         for route in &config.routes {
             let listener = TcpListener::bind(route.listen).await.with_context(|| {
@@ -68,21 +103,29 @@ impl Server {
             })?;
             listeners.push((Arc::new(RouteCtx::new(route.clone())), listener));
         }
-        let admission = Admission::new(
-            config.limits.max_connections,
-            config.limits.max_connections_per_ip,
-        );
+        let admin = match config.admin.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("admin.listen: cannot listen on {addr}"))?,
+            ),
+            None => None,
+        };
+        let limits = &config.limits;
+        let admission = Admission::new(limits.max_connections, limits.max_connections_per_ip);
         let shared = Shared {
-            config,
             acceptor,
             connector,
             admission,
+            sinks: Arc::new(Sinks::new(inventory)),
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
+            config,
         };
         Ok(Server {
             shared: Arc::new(shared),
             listeners,
+            admin,
         })
     }
 
@@ -94,10 +137,29 @@ impl Server {
             .and_then(|(_, listener)| listener.local_addr().ok())
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting, gives open sessions
-    /// `limits.drain_timeout` to finish, and closes the rest.
+    /// The admin endpoint's address, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The shared state, e.g. to `reload` from a signal handler.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, turns `/readyz` to 503, gives
+    /// open sessions `limits.drain_timeout` to finish, closes the rest and saves the inventory.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let shared = self.shared;
         let stop = CancellationToken::new();
+        let admin_state = Arc::new(AdminState {
+            sinks: shared.sinks.clone(),
+            ready: false.into(),
+        });
+        let admin_task = self.admin.map(|listener| {
+            info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin endpoint listening");
+            tokio::spawn(admin::serve(listener, admin_state.clone(), stop.child_token()))
+        });
         let mut accept_loops = Vec::new();
         for (ctx, listener) in self.listeners {
             let r = &ctx.route;
@@ -110,36 +172,60 @@ impl Server {
                 upstream_tls = %r.upstream_tls,
                 "listening"
             );
-            accept_loops.push(tokio::spawn(listener::serve(
-                listener,
-                ctx,
-                self.shared.clone(),
-                stop.child_token(),
-            )));
+            let serve = listener::serve(listener, ctx, shared.clone(), stop.child_token());
+            accept_loops.push(tokio::spawn(serve));
         }
+        admin_state.ready.store(true, Ordering::Relaxed);
+        let saver = tokio::spawn(save_periodically(shared.clone(), stop.child_token()));
+
         shutdown.await;
-        stop.cancel();
-        for accept_loop in accept_loops {
+        admin_state.ready.store(false, Ordering::Relaxed);
+        for accept_loop in accept_loops.drain(..) {
+            accept_loop.abort();
             let _ = accept_loop.await;
         }
-        let shared = &self.shared;
         shared.tracker.close();
         let open = shared.tracker.len();
         if open > 0 {
-            info!(open, drain_timeout = ?shared.config.limits.drain_timeout, "draining open sessions");
+            let drain = shared.config.limits.drain_timeout;
+            info!(open, drain_timeout = ?drain, "no longer accepting; draining open sessions");
+            if tokio::time::timeout(drain, shared.tracker.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    open = shared.tracker.len(),
+                    "drain time over; closing the remaining sessions"
+                );
+                shared.cancel.cancel();
+                shared.tracker.wait().await;
+            }
         }
-        if tokio::time::timeout(shared.config.limits.drain_timeout, shared.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                open = shared.tracker.len(),
-                "drain time over; closing the remaining sessions"
-            );
-            shared.cancel.cancel();
-            shared.tracker.wait().await;
+        stop.cancel();
+        let _ = saver.await;
+        if let Some(admin_task) = admin_task {
+            let _ = admin_task.await;
         }
+        save(&shared);
         info!("stopped");
         Ok(())
+    }
+}
+
+async fn save_periodically(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(SAVE_EVERY);
+    every.tick().await;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => save(&shared),
+        }
+    }
+}
+
+fn save(shared: &Shared) {
+    let inventory = &shared.sinks.inventory;
+    if let Err(err) = inventory.save() {
+        error!(error = %format!("{err:#}"), path = %inventory.path().display(), "cannot save the inventory");
     }
 }

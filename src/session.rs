@@ -7,15 +7,17 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout_at, Instant};
-use tracing::{debug, warn};
+use tracing::{debug, field, warn, Span};
 
 use crate::audit::SessionRecord;
 use crate::config::{DeviceMode, Upstream};
 use crate::device::{self, DeviceStream};
 use crate::greeting;
-use crate::listener::RouteCtx;
+use crate::listener::{self, RouteCtx};
 use crate::protocol::{self, DialogError};
+use crate::proxy_protocol;
 use crate::relay::{self, End};
 use crate::server::Shared;
 use crate::tls::legacy::HandshakeError;
@@ -27,6 +29,8 @@ struct Failure {
     outcome: &'static str,
     detail: String,
     bytes: (u64, u64),
+    /// The leg that failed to come up and why, for the handshake failure metric.
+    leg: Option<(&'static str, &'static str)>,
 }
 
 impl Failure {
@@ -35,29 +39,93 @@ impl Failure {
             outcome,
             detail: detail.to_string(),
             bytes: (0, 0),
+            leg: None,
+        }
+    }
+
+    fn device(outcome: &'static str, detail: impl ToString) -> Failure {
+        Failure {
+            leg: Some(("device", outcome)),
+            ..Failure::new(outcome, detail)
         }
     }
 
     fn upstream(err: &UpstreamError) -> Failure {
-        Failure::new(upstream_outcome(err), format!("{err:#}"))
+        let failure = Failure::new(upstream_outcome(err), format!("{err:#}"));
+        Failure {
+            leg: Some(("upstream", err.reason())),
+            ..failure
+        }
     }
 }
 
-/// Runs one session to its end and logs `session_closed`.
-pub async fn run(route: Arc<RouteCtx>, shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
-    let mut record = SessionRecord::new(
-        &route.route.name,
-        peer,
-        route.route.protocol,
-        route.route.upstream.to_string(),
-    );
+/// Runs one session to its end and logs `session_closed`. `_permit` is the session's place
+/// under `limits.max_connections`, held until the end.
+pub async fn run(
+    route: Arc<RouteCtx>,
+    shared: Arc<Shared>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let Some(peer) = device_address(&route, &shared, &mut tcp, peer).await else {
+        return;
+    };
+    Span::current().record("peer", field::display(peer));
+    let Some(_place) = shared.admission.per_ip(peer.ip()) else {
+        listener::refuse_busy(&route, &shared, tcp, peer);
+        return;
+    };
+    let mut record = SessionRecord::open(&route.route, peer, shared.sinks.clone());
     match drive(&route, &shared, tcp, &mut record).await {
         Ok((up, down)) => record.closed(up, down, "ok", None),
         Err(failure) => {
+            if let Some((leg, reason)) = failure.leg {
+                record.leg_failed(leg, reason);
+            }
             let (up, down) = failure.bytes;
             record.closed(up, down, failure.outcome, Some(&failure.detail));
         }
     }
+}
+
+/// The device's address: the socket's peer, or the one a trusted balancer's PROXY header
+/// names (which must then pass the route's ACL). `None` when the connection was refused.
+async fn device_address(
+    route: &RouteCtx,
+    shared: &Shared,
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+) -> Option<SocketAddr> {
+    if !route.route.proxy_protocol {
+        return Some(peer);
+    }
+    let refuse = |addr, outcome, why: &str| shared.sinks.refused(&route.route, addr, outcome, why);
+    let wait = shared.config.device_tls.handshake_timeout;
+    let real = match tokio::time::timeout(wait, proxy_protocol::read_header(tcp)).await {
+        Ok(Ok(real)) => real.map_or(peer, |a| SocketAddr::new(a.ip().to_canonical(), a.port())),
+        Ok(Err(err)) => {
+            refuse(peer, "proxy_header", &err.to_string());
+            return None;
+        }
+        Err(_) => {
+            refuse(
+                peer,
+                "proxy_header",
+                "no PROXY header within device_tls.handshake_timeout",
+            );
+            return None;
+        }
+    };
+    if !route.allows(real.ip()) {
+        refuse(
+            real,
+            "acl_denied",
+            "device address (from the PROXY header) is not allowed",
+        );
+        return None;
+    }
+    Some(real)
 }
 
 async fn drive(
@@ -79,6 +147,7 @@ async fn drive(
         )
     };
     let mut ready: Option<UpstreamLeg> = None;
+    let mut handshake_started = Instant::now();
     let (mut device, tls) = match config.device_tls {
         DeviceMode::Starttls => {
             let (mut conn, start) = timeout_at(
@@ -119,6 +188,7 @@ async fn drive(
                     "discarded bytes the device sent after STARTTLS (injection attempt?)"
                 );
             }
+            handshake_started = Instant::now();
             let (stream, info) =
                 timeout_at(deadline, device::handshake(&shared.acceptor, tcp, None))
                     .await
@@ -127,6 +197,7 @@ async fn drive(
             (stream, Some(info))
         }
         DeviceMode::Tls => {
+            handshake_started = Instant::now();
             let (stream, info) = timeout_at(
                 deadline,
                 device::handshake(&shared.acceptor, tcp, route.sni_allow.clone()),
@@ -138,7 +209,7 @@ async fn drive(
         }
         DeviceMode::Plain => (DeviceStream::Plain(tcp), None),
     };
-    record.device_established(tls.as_ref());
+    record.device_established(tls.as_ref(), handshake_started.elapsed());
     let leg = match ready {
         Some(leg) => Ok(leg),
         None => {
@@ -247,5 +318,5 @@ fn handshake_failure(err: HandshakeError) -> Failure {
         HandshakeError::SniRefused(_) => "sni_refused",
         HandshakeError::Failed(_) => "device_handshake_failed",
     };
-    Failure::new(outcome, err)
+    Failure::device(outcome, err)
 }

@@ -1,4 +1,7 @@
-//! Process signals: SIGTERM/SIGINT start a graceful shutdown; a second one exits at once.
+//! Process signals: SIGTERM/SIGINT start a graceful shutdown (a second one exits at once);
+//! SIGHUP reloads the certificate files.
+
+use std::sync::Arc;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
@@ -23,5 +26,19 @@ pub async fn shutdown() {
         }
         warn!("second signal: exiting now");
         std::process::exit(1);
+    });
+}
+
+/// Reloads the device certificate and the upstream roots at every SIGHUP.
+pub fn reload_on_hangup(shared: Arc<crate::server::Shared>) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        error!("cannot install the SIGHUP handler; reload needs a restart");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            info!(signal = "SIGHUP", "reloading certificates");
+            shared.reload();
+        }
     });
 }

@@ -1,7 +1,11 @@
 //! Subcommands other than `run`: each prints for a human and returns the process exit code.
 
+pub mod admin_client;
 pub mod certs;
 pub mod check;
+pub mod health;
+pub mod inventory;
+pub mod probe;
 
 /// Exit code for a runtime failure.
 pub const EXIT_FAILURE: u8 = 1;

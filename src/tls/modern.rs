@@ -2,12 +2,14 @@
 //! name always verified. There is deliberately no way to turn verification off.
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{anyhow, bail, Context, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -21,9 +23,13 @@ pub struct ModernConnector {
 
 impl ModernConnector {
     pub fn new(config: &UpstreamTlsConfig) -> Result<ModernConnector> {
-        Ok(ModernConnector {
-            config: RwLock::new(client_config(config)?),
-        })
+        Ok(Self::from_config(client_config(config)?))
+    }
+
+    pub fn from_config(config: Arc<ClientConfig>) -> ModernConnector {
+        ModernConnector {
+            config: RwLock::new(config),
+        }
     }
 
     /// Re-reads `extra_roots`; on error the old configuration stays in use.
@@ -57,6 +63,45 @@ impl ModernConnector {
 
 /// Builds the rustls client configuration from `[upstream_tls]`.
 pub fn client_config(config: &UpstreamTlsConfig) -> Result<Arc<ClientConfig>> {
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(config))?
+        .with_root_certificates(roots(config)?)
+        .with_no_client_auth();
+    Ok(Arc::new(client))
+}
+
+/// The same configuration, but the certificates the server presents are kept in `seen` so
+/// `tlsbridge probe` can show them even when verification fails. Verification itself is the
+/// standard web PKI verifier's, unchanged.
+pub fn recording_config(
+    config: &UpstreamTlsConfig,
+    seen: Arc<Mutex<Vec<CertificateDer<'static>>>>,
+) -> Result<Arc<ClientConfig>> {
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(config)?), provider())
+        .build()?;
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(config))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Recording { inner, seen }))
+        .with_no_client_auth();
+    Ok(Arc::new(client))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn versions(config: &UpstreamTlsConfig) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static TLS12_AND_UP: [&rustls::SupportedProtocolVersion; 2] =
+        [&rustls::version::TLS13, &rustls::version::TLS12];
+    static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+    match config.min_version {
+        ModernVersion::Tls12 => &TLS12_AND_UP,
+        ModernVersion::Tls13 => &TLS13_ONLY,
+    }
+}
+
+fn roots(config: &UpstreamTlsConfig) -> Result<RootCertStore> {
     let mut roots = RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
@@ -70,16 +115,56 @@ pub fn client_config(config: &UpstreamTlsConfig) -> Result<Arc<ClientConfig>> {
             })?;
         }
     }
-    let versions: &[&rustls::SupportedProtocolVersion] = match config.min_version {
-        ModernVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        ModernVersion::Tls13 => &[&rustls::version::TLS13],
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let client = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(client))
+    Ok(roots)
+}
+
+/// Delegates every decision to the web PKI verifier; only records what the server presented.
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<WebPkiServerVerifier>,
+    seen: Arc<Mutex<Vec<CertificateDer<'static>>>>,
+}
+
+impl ServerCertVerifier for Recording {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Ok(mut seen) = self.seen.lock() {
+            *seen = std::iter::once(end_entity)
+                .chain(intermediates)
+                .map(|c| c.clone().into_owned())
+                .collect();
+        }
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
