@@ -262,7 +262,7 @@ mod tests {
         let allowed = (0..10)
             .filter(|_| matches!(limit.allow(), Allowed::Yes { .. }))
             .count();
-        assert!(allowed >= 3 && allowed < 10, "{allowed}");
+        assert!((3..10).contains(&allowed), "{allowed}");
         assert!(limit.suppressed.load(Ordering::Relaxed) > 0);
     }
 }

@@ -529,9 +529,12 @@ mod tests {
         assert_eq!(config.routes[0].device_tls, DeviceMode::Plain);
     }
 
+    /// A config file, environment variables, and the key the error must name.
+    type BadCase<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+
     #[test]
     fn errors_name_the_key() {
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        let cases: &[BadCase] = &[
             ("[limits]\nbogus = 1\n", &[], "limits"),
             (
                 "[limits]\nidle_timeout = \"soon\"\n",

@@ -78,16 +78,19 @@ enum CertsAction {
     ExportCa,
 }
 
+/// `--version`: the crate version, the OpenSSL linked in and whether it can offer 3DES, RC4 and
+/// SSLv3 to devices (only a `legacy-ciphers` build can).
 fn version() -> String {
-    let legacy = if tlsbridge::tls::legacy::has_ssl3() {
-        "available"
+    let linked = if cfg!(feature = "vendored") {
+        "vendored, statically linked"
     } else {
-        "not available"
+        "system library"
     };
     format!(
-        "{}\n{} (SSLv3: {legacy})",
+        "{}\n{} ({linked})\n{}",
         env!("CARGO_PKG_VERSION"),
-        openssl::version::version()
+        openssl::version::version(),
+        tlsbridge::tls::legacy::legacy_summary()
     )
 }
 
@@ -150,8 +153,9 @@ fn run(config: Config, log_format: Option<LogFormat>) -> anyhow::Result<()> {
         .map_err(tlsbridge::config::ConfigError::from_anyhow)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        let shutdown = tlsbridge::signals::shutdown();
         let server = Server::bind(config).await?;
         tlsbridge::signals::reload_on_hangup(server.shared());
-        server.run(tlsbridge::signals::shutdown()).await
+        server.run(shutdown).await
     })
 }

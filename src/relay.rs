@@ -7,6 +7,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -31,12 +32,19 @@ pub enum End {
     Cancelled,
 }
 
+/// Bytes kept from the end of each direction, to recognise a protocol's own goodbye.
+const TAIL: usize = 64;
+
 /// The outcome with the byte counts (payload only, TLS overhead not included).
 #[derive(Debug)]
 pub struct Relayed {
     pub end: End,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// The last bytes the device sent.
+    pub tail_up: Vec<u8>,
+    /// The last bytes the upstream sent.
+    pub tail_down: Vec<u8>,
 }
 
 /// Copies device -> upstream and upstream -> device until both ends finish or one fails.
@@ -53,22 +61,19 @@ where
     let start = Instant::now();
     let last_activity = AtomicU64::new(0);
     let (bytes_up, bytes_down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (tail_up, tail_down) = (Mutex::new(Vec::new()), Mutex::new(Vec::new()));
     let (mut device_rx, mut device_tx) = tokio::io::split(device);
     let (mut upstream_rx, mut upstream_tx) = tokio::io::split(upstream);
     let up = copy(
         &mut device_rx,
         &mut upstream_tx,
-        &bytes_up,
-        &last_activity,
-        start,
+        Meter::new(&bytes_up, &tail_up, &last_activity, start),
         Side::Device,
     );
     let down = copy(
         &mut upstream_rx,
         &mut device_tx,
-        &bytes_down,
-        &last_activity,
-        start,
+        Meter::new(&bytes_down, &tail_down, &last_activity, start),
         Side::Upstream,
     );
     let end = tokio::select! {
@@ -80,10 +85,13 @@ where
         () = idle_watch(&last_activity, start, idle) => End::Idle,
         () = cancel.cancelled() => End::Cancelled,
     };
+    let tail = |t: Mutex<Vec<u8>>| t.into_inner().unwrap_or_else(|p| p.into_inner());
     Relayed {
         end,
         bytes_up: bytes_up.into_inner(),
         bytes_down: bytes_down.into_inner(),
+        tail_up: tail(tail_up),
+        tail_down: tail(tail_down),
     }
 }
 
@@ -104,12 +112,44 @@ impl Side {
 
 /// One direction: read from `from`, write to the other side; on clean EOF, close the other side
 /// in this direction only.
+/// What one direction records as bytes pass.
+struct Meter<'a> {
+    bytes: &'a AtomicU64,
+    tail: &'a Mutex<Vec<u8>>,
+    last_activity: &'a AtomicU64,
+    start: Instant,
+}
+
+impl<'a> Meter<'a> {
+    fn new(
+        bytes: &'a AtomicU64,
+        tail: &'a Mutex<Vec<u8>>,
+        last_activity: &'a AtomicU64,
+        start: Instant,
+    ) -> Self {
+        Meter {
+            bytes,
+            tail,
+            last_activity,
+            start,
+        }
+    }
+
+    fn passed(&self, chunk: &[u8]) {
+        self.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        let elapsed = self.start.elapsed().as_millis() as u64;
+        self.last_activity.store(elapsed, Ordering::Relaxed);
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        tail.extend_from_slice(&chunk[chunk.len().saturating_sub(TAIL)..]);
+        let excess = tail.len().saturating_sub(TAIL);
+        tail.drain(..excess);
+    }
+}
+
 async fn copy<R, W>(
     reader: &mut R,
     writer: &mut W,
-    counter: &AtomicU64,
-    last_activity: &AtomicU64,
-    start: Instant,
+    meter: Meter<'_>,
     from: Side,
 ) -> Result<(), (Side, io::Error)>
 where
@@ -127,8 +167,7 @@ where
             .await
             .map_err(|err| (from.other(), err))?;
         writer.flush().await.map_err(|err| (from.other(), err))?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        meter.passed(&buf[..n]);
     }
 }
 

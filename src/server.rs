@@ -83,6 +83,8 @@ impl Server {
     /// Prepares certificates, TLS state and the inventory, and binds every listener.
     pub async fn bind(config: Config) -> Result<Server> {
         let setup = ConfigError::from_anyhow;
+        // Refuse an impossible protocol setting before anything is written to disk.
+        crate::tls::legacy::check_protocol_settings(&config.device_tls).map_err(setup)?;
         match certs::ensure(&config.device_tls).map_err(setup)? {
             Provision::Existing => {}
             Provision::Generated { new_ca } => info!(

@@ -16,7 +16,7 @@ use crate::config::{DeviceMode, Upstream};
 use crate::device::{self, DeviceStream};
 use crate::greeting;
 use crate::listener::{self, RouteCtx};
-use crate::protocol::{self, DialogError};
+use crate::protocol::{self, smtp, DialogError};
 use crate::proxy_protocol;
 use crate::relay::{self, End};
 use crate::server::Shared;
@@ -141,7 +141,7 @@ async fn drive(
     };
     let deadline = Instant::now() + shared.config.device_tls.handshake_timeout;
     let device_timeout = || {
-        Failure::new(
+        Failure::device(
             "device_timeout",
             "device dialog and handshake exceeded device_tls.handshake_timeout",
         )
@@ -204,7 +204,12 @@ async fn drive(
             )
             .await
             .map_err(|_| device_timeout())?
-            .map_err(handshake_failure)?;
+            .map_err(|err| {
+                if let HandshakeError::SniRefused(Some(name)) = &err {
+                    record.sni = smtp::printable(name);
+                }
+                handshake_failure(err)
+            })?;
             (stream, Some(info))
         }
         DeviceMode::Plain => (DeviceStream::Plain(tcp), None),
@@ -250,6 +255,18 @@ async fn drive(
         End::Idle => {
             let _ = tokio::time::timeout(Duration::from_secs(1), device.shutdown()).await;
             Failure::new("idle_timeout", "no data either way for limits.idle_timeout")
+        }
+        End::Upstream(err)
+            if err.kind() == std::io::ErrorKind::UnexpectedEof
+                && protocol::said_goodbye(
+                    config.protocol,
+                    &relayed.tail_up,
+                    &relayed.tail_down,
+                ) =>
+        {
+            // A bare FIN after the protocol's own goodbye is a complete session.
+            let _ = tokio::time::timeout(Duration::from_secs(1), device.shutdown()).await;
+            return Ok(bytes);
         }
         End::Upstream(err) => {
             // Not a clean end: reset the device leg rather than send close_notify, so the device
@@ -304,7 +321,8 @@ fn upstream_outcome(err: &UpstreamError) -> &'static str {
 
 fn dialog_failure(err: DialogError) -> Failure {
     let outcome = match err {
-        DialogError::Quit => "device_quit",
+        // A device that says goodbye before STARTTLS ended normally: no error to report.
+        DialogError::Quit => return Failure::new("device_quit", ""),
         DialogError::Closed | DialogError::Io(_) => "device_closed",
         DialogError::LineTooLong | DialogError::TooManyCommands | DialogError::Protocol(_) => {
             "device_protocol_error"

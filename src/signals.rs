@@ -6,27 +6,31 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
-/// Resolves at the first SIGTERM or SIGINT; afterwards, a second one ends the process at once.
-pub async fn shutdown() {
-    let (Ok(mut term), Ok(mut int)) = (
+/// Installs the SIGTERM/SIGINT handlers now (so a signal right after start is never fatal) and
+/// returns a future that resolves at the first one; afterwards, a second one ends the process.
+pub fn shutdown() -> impl std::future::Future<Output = ()> {
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        error!("cannot install signal handlers; stop the process with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => info!(signal = "SIGTERM", "shutting down"),
-        _ = int.recv() => info!(signal = "SIGINT", "shutting down"),
-    }
-    tokio::spawn(async move {
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            error!("cannot install signal handlers; stop the process with SIGKILL");
+            return std::future::pending().await;
+        };
         tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
+            _ = term.recv() => info!(signal = "SIGTERM", "shutting down"),
+            _ = int.recv() => info!(signal = "SIGINT", "shutting down"),
         }
-        warn!("second signal: exiting now");
-        std::process::exit(1);
-    });
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            warn!("second signal: exiting now");
+            std::process::exit(1);
+        });
+    }
 }
 
 /// Reloads the device certificate and the upstream roots at every SIGHUP.

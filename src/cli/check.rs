@@ -11,6 +11,8 @@ use crate::tls::{legacy::LegacyAcceptor, modern};
 pub fn check(config: &Config) -> Result<String> {
     modern::client_config(&config.upstream_tls).map_err(crate::config::ConfigError::from_anyhow)?;
     let tls = &config.device_tls;
+    crate::tls::legacy::check_protocol_settings(tls)
+        .map_err(crate::config::ConfigError::from_anyhow)?;
     let cert_state = if tls.cert.exists() && tls.key.exists() {
         LegacyAcceptor::new(tls).map_err(crate::config::ConfigError::from_anyhow)?;
         "present and usable"

@@ -61,27 +61,26 @@ pub async fn device_until_starttls<S: AsyncRead + AsyncWrite + Unpin>(
     Err(DialogError::TooManyCommands)
 }
 
-/// Reads one command line. A non-synchronizing literal (`{N+}`, RFC 7888) makes the client send
-/// its data without waiting, so the data is skipped; a synchronizing one (`{N}`) gets no
+/// Reads one command and returns its first line (tag and command name). A non-synchronizing
+/// literal (`{N+}`, RFC 7888) makes the client send its data without waiting: exactly N octets
+/// are skipped and the command goes on after them. A synchronizing one (`{N}`) gets no
 /// continuation, so the client sends nothing more for it.
 async fn read_command<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut LineConn<S>,
 ) -> Result<String, DialogError> {
-    let mut line = conn.read_text().await?;
+    let first = conn.read_text().await?;
+    let mut line = first.clone();
     for _ in 0..MAX_COMMANDS {
         let Some(size) = non_sync_literal(&line) else {
-            break;
+            return Ok(first);
         };
         if size > MAX_LINE {
             return Err(DialogError::LineTooLong);
         }
-        let mut skipped = 0;
-        while skipped < size {
-            skipped += conn.read_line().await?.len();
-        }
+        conn.skip(size).await?;
         line = conn.read_text().await?;
     }
-    Ok(line)
+    Err(DialogError::TooManyCommands)
 }
 
 fn non_sync_literal(line: &str) -> Option<usize> {
@@ -197,6 +196,8 @@ pub fn strip_capabilities(greeting: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::testing::{read_until, scripted_server};
+    use tokio::io::{duplex, AsyncWriteExt};
 
     #[test]
     fn literals_and_tags() {
@@ -214,5 +215,158 @@ mod tests {
             b"* OK Dovecot ready.\r\n"
         );
         assert_eq!(strip_capabilities(b"* OK ready\r\n"), b"* OK ready\r\n");
+    }
+
+    #[tokio::test]
+    async fn device_dialog_refuses_login_and_reaches_starttls() {
+        let (ours, mut device) = duplex(4096);
+        let task = tokio::spawn(async move {
+            let mut conn = LineConn::new(ours);
+            let start = device_until_starttls(&mut conn, "gw").await;
+            (start, conn.into_parts().1)
+        });
+        let greeting = read_until(&mut device, "\r\n").await;
+        assert!(
+            greeting.starts_with("* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED]"),
+            "{greeting}"
+        );
+        device.write_all(b"a1 CAPABILITY\r\n").await.unwrap();
+        let caps = read_until(&mut device, "a1 OK").await;
+        assert!(
+            caps.contains("* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\n"),
+            "{caps}"
+        );
+        device.write_all(b"a2 LOGIN user secret\r\n").await.unwrap();
+        assert!(read_until(&mut device, "\r\n")
+            .await
+            .starts_with("a2 NO [PRIVACYREQUIRED]"));
+        // A non-synchronizing literal's data is skipped, not taken for a command.
+        device
+            .write_all(b"a3 LOGIN {4+}\r\nuser secret\r\n")
+            .await
+            .unwrap();
+        assert!(read_until(&mut device, "\r\n").await.starts_with("a3 NO"));
+        device.write_all(b"a4 SELECT INBOX\r\n").await.unwrap();
+        assert!(read_until(&mut device, "\r\n").await.starts_with("a4 BAD"));
+        device.write_all(b"no-space-tag\r\n").await.unwrap();
+        assert!(read_until(&mut device, "\r\n")
+            .await
+            .starts_with("no-space-tag BAD"));
+        device
+            .write_all(b"a5 STARTTLS\r\na6 LOGIN x y\r\n")
+            .await
+            .unwrap();
+        let (start, pipelined) = task.await.unwrap();
+        assert_eq!(start.unwrap().tag.as_deref(), Some("a5"));
+        assert_eq!(
+            pipelined, b"a6 LOGIN x y\r\n",
+            "pipelined bytes are handed back for discarding"
+        );
+    }
+
+    #[tokio::test]
+    async fn device_dialog_limits_and_logout() {
+        let (ours, mut device) = duplex(4096);
+        let task =
+            tokio::spawn(
+                async move { device_until_starttls(&mut LineConn::new(ours), "gw").await },
+            );
+        device.write_all(&[b'x'; 700]).await.unwrap();
+        read_until(&mut device, "* BYE").await;
+        assert!(matches!(task.await.unwrap(), Err(DialogError::LineTooLong)));
+
+        let (ours, mut device) = duplex(4096);
+        let task =
+            tokio::spawn(
+                async move { device_until_starttls(&mut LineConn::new(ours), "gw").await },
+            );
+        device.write_all(b"z LOGOUT\r\n").await.unwrap();
+        read_until(&mut device, "z OK LOGOUT").await;
+        assert!(matches!(task.await.unwrap(), Err(DialogError::Quit)));
+    }
+
+    async fn upstream(
+        script: Vec<(&'static str, &'static str)>,
+    ) -> Result<(Vec<u8>, Vec<u8>), UpstreamDialogError> {
+        let (ours, server) = duplex(4096);
+        scripted_server(server, script);
+        let mut conn = LineConn::new(ours);
+        let greeting = upstream_starttls(&mut conn).await?;
+        Ok((greeting, conn.into_parts().1))
+    }
+
+    #[tokio::test]
+    async fn upstream_dialog_reaches_tls() {
+        let (greeting, leftover) = upstream(vec![
+            (
+                "",
+                "* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready\r\n",
+            ),
+            (
+                "t1 CAPABILITY",
+                "* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\nt1 OK done\r\n",
+            ),
+            ("t2 STARTTLS", "t2 OK Begin TLS negotiation now\r\n"),
+        ])
+        .await
+        .unwrap();
+        assert!(greeting.starts_with(b"* OK [CAPABILITY"));
+        assert!(leftover.is_empty());
+    }
+
+    #[tokio::test]
+    async fn upstream_dialog_fails_closed() {
+        let preauth = upstream(vec![("", "* PREAUTH [CAPABILITY IMAP4rev1] logged in\r\n")]).await;
+        assert!(
+            matches!(preauth, Err(UpstreamDialogError::Greeting(ref g)) if g.contains("PREAUTH"))
+        );
+        let bye = upstream(vec![("", "* BYE overloaded\r\n")]).await;
+        assert!(matches!(bye, Err(UpstreamDialogError::Greeting(_))));
+        let no_starttls = upstream(vec![
+            ("", "* OK ready\r\n"),
+            (
+                "t1 CAPABILITY",
+                "* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nt1 OK done\r\n",
+            ),
+        ])
+        .await;
+        assert!(matches!(no_starttls, Err(UpstreamDialogError::NoStarttls)));
+        let refused = upstream(vec![
+            ("", "* OK ready\r\n"),
+            (
+                "t1 CAPABILITY",
+                "* CAPABILITY IMAP4rev1 STARTTLS\r\nt1 OK done\r\n",
+            ),
+            ("t2 STARTTLS", "t2 BAD not now\r\n"),
+        ])
+        .await;
+        assert!(matches!(
+            refused,
+            Err(UpstreamDialogError::StarttlsRefused(_))
+        ));
+        let (_, injected) = upstream(vec![
+            ("", "* OK ready\r\n"),
+            (
+                "t1 CAPABILITY",
+                "* CAPABILITY IMAP4rev1 STARTTLS\r\nt1 OK done\r\n",
+            ),
+            (
+                "t2 STARTTLS",
+                "t2 OK go\r\n* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] injected\r\n",
+            ),
+        ])
+        .await
+        .unwrap();
+        assert!(
+            !injected.is_empty(),
+            "bytes after the OK are handed back for the caller to refuse"
+        );
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_greeting_accepts_preauth() {
+        let (ours, server) = duplex(1024);
+        scripted_server(server, vec![("", "* PREAUTH ready\r\n")]);
+        assert!(read_greeting(&mut LineConn::new(ours), false).await.is_ok());
     }
 }

@@ -6,6 +6,8 @@
 pub mod imap;
 pub mod pop3;
 pub mod smtp;
+#[cfg(test)]
+mod testing;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -92,6 +94,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineConn<S> {
         Ok(String::from_utf8_lossy(&line)
             .trim_end_matches(['\r', '\n'])
             .to_string())
+    }
+
+    /// Consumes exactly `n` octets (an IMAP literal's data).
+    pub async fn skip(&mut self, mut n: usize) -> Result<(), DialogError> {
+        loop {
+            let buffered = n.min(self.buf.len());
+            self.buf.drain(..buffered);
+            n -= buffered;
+            if n == 0 {
+                return Ok(());
+            }
+            let mut chunk = [0u8; MAX_LINE];
+            let read = self.stream.read(&mut chunk).await?;
+            if read == 0 {
+                return Err(DialogError::Closed);
+            }
+            self.buf.extend_from_slice(&chunk[..read]);
+        }
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -236,4 +256,59 @@ pub(crate) fn verb(line: &str) -> (String, &str) {
     let line = line.trim_start();
     let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
     (verb.to_ascii_uppercase(), rest.trim())
+}
+
+/// True when the last bytes each side sent are the protocol's own goodbye (SMTP 221/421 after
+/// QUIT, IMAP `* BYE`, POP3 `+OK` after QUIT): an upstream that then closes without
+/// close_notify has still ended the session cleanly.
+pub fn said_goodbye(protocol: Protocol, from_device: &[u8], from_upstream: &[u8]) -> bool {
+    let last_line = |bytes: &[u8]| -> Vec<u8> {
+        let trimmed = bytes
+            .strip_suffix(b"\r\n")
+            .or_else(|| bytes.strip_suffix(b"\n"))
+            .unwrap_or(bytes);
+        let start = trimmed
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        trimmed[start..].to_ascii_uppercase()
+    };
+    let (device, upstream) = (last_line(from_device), last_line(from_upstream));
+    match protocol {
+        Protocol::Smtp => upstream.starts_with(b"221") || upstream.starts_with(b"421"),
+        Protocol::Imap => from_upstream.windows(5).any(|w| w == b"* BYE"),
+        Protocol::Pop3 => device == b"QUIT" && upstream.starts_with(b"+OK"),
+        Protocol::Tcp => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goodbyes_are_recognised_per_protocol() {
+        assert!(said_goodbye(
+            Protocol::Smtp,
+            b"QUIT\r\n",
+            b"250 OK\r\n221 2.0.0 Bye\r\n"
+        ));
+        assert!(!said_goodbye(
+            Protocol::Smtp,
+            b"DATA\r\n",
+            b"354 go ahead\r\n"
+        ));
+        assert!(said_goodbye(
+            Protocol::Imap,
+            b"a LOGOUT\r\n",
+            b"* BYE bye\r\na OK done\r\n"
+        ));
+        assert!(said_goodbye(Protocol::Pop3, b"QUIT\r\n", b"+OK bye\r\n"));
+        assert!(!said_goodbye(
+            Protocol::Pop3,
+            b"RETR 1\r\n",
+            b"+OK 120 octets\r\n"
+        ));
+        assert!(!said_goodbye(Protocol::Tcp, b"", b""));
+    }
 }

@@ -84,3 +84,111 @@ pub async fn read_greeting<S: AsyncRead + AsyncWrite + Unpin>(
     let line = super::smtp::printable(String::from_utf8_lossy(&raw).trim_end());
     Err(UpstreamDialogError::Greeting(line))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::testing::{read_until, scripted_server};
+    use tokio::io::{duplex, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn device_dialog_refuses_credentials_and_reaches_stls() {
+        let (ours, mut device) = duplex(4096);
+        let task = tokio::spawn(async move {
+            let mut conn = LineConn::new(ours);
+            let start = device_until_starttls(&mut conn, "gw").await;
+            (start, conn.into_parts().1)
+        });
+        assert!(read_until(&mut device, "\r\n").await.starts_with("+OK gw"));
+        device.write_all(b"CAPA\r\n").await.unwrap();
+        assert!(read_until(&mut device, "\r\n.\r\n")
+            .await
+            .contains("\r\nSTLS\r\n"));
+        for command in [
+            "USER me\r\n",
+            "PASS secret\r\n",
+            "APOP me 0123\r\n",
+            "RETR 1\r\n",
+        ] {
+            device.write_all(command.as_bytes()).await.unwrap();
+            assert!(
+                read_until(&mut device, "\r\n").await.starts_with("-ERR"),
+                "{command}"
+            );
+        }
+        device
+            .write_all(b"STLS\r\nUSER injected\r\n")
+            .await
+            .unwrap();
+        let (start, pipelined) = task.await.unwrap();
+        assert!(start.is_ok());
+        assert_eq!(pipelined, b"USER injected\r\n");
+    }
+
+    #[tokio::test]
+    async fn device_dialog_limits_and_quit() {
+        let (ours, mut device) = duplex(8192);
+        let task =
+            tokio::spawn(
+                async move { device_until_starttls(&mut LineConn::new(ours), "gw").await },
+            );
+        device
+            .write_all("NOOP\r\n".repeat(MAX_COMMANDS + 1).as_bytes())
+            .await
+            .unwrap();
+        read_until(&mut device, "-ERR too many").await;
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(DialogError::TooManyCommands)
+        ));
+
+        let (ours, mut device) = duplex(1024);
+        let task =
+            tokio::spawn(
+                async move { device_until_starttls(&mut LineConn::new(ours), "gw").await },
+            );
+        device.write_all(b"QUIT\r\n").await.unwrap();
+        read_until(&mut device, "+OK bye").await;
+        assert!(matches!(task.await.unwrap(), Err(DialogError::Quit)));
+    }
+
+    async fn upstream(
+        script: Vec<(&'static str, &'static str)>,
+    ) -> Result<(Vec<u8>, Vec<u8>), UpstreamDialogError> {
+        let (ours, server) = duplex(4096);
+        scripted_server(server, script);
+        let mut conn = LineConn::new(ours);
+        let greeting = upstream_starttls(&mut conn).await?;
+        Ok((greeting, conn.into_parts().1))
+    }
+
+    #[tokio::test]
+    async fn upstream_dialog_reaches_tls_and_fails_closed() {
+        let (greeting, leftover) = upstream(vec![
+            ("", "+OK POP3 ready <1.2@host>\r\n"),
+            ("CAPA", "+OK\r\nUSER\r\nSTLS\r\nUIDL\r\n.\r\n"),
+            ("STLS", "+OK Begin TLS\r\n"),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(greeting, b"+OK POP3 ready <1.2@host>\r\n");
+        assert!(leftover.is_empty());
+
+        let no_stls = upstream(vec![("", "+OK\r\n"), ("CAPA", "+OK\r\nUSER\r\n.\r\n")]).await;
+        assert!(matches!(no_stls, Err(UpstreamDialogError::NoStarttls)));
+        let no_capa = upstream(vec![("", "+OK\r\n"), ("CAPA", "-ERR unknown command\r\n")]).await;
+        assert!(matches!(no_capa, Err(UpstreamDialogError::NoStarttls)));
+        let refused = upstream(vec![
+            ("", "+OK\r\n"),
+            ("CAPA", "+OK\r\nSTLS\r\n.\r\n"),
+            ("STLS", "-ERR not now\r\n"),
+        ])
+        .await;
+        assert!(matches!(
+            refused,
+            Err(UpstreamDialogError::StarttlsRefused(_))
+        ));
+        let busy = upstream(vec![("", "-ERR busy\r\n")]).await;
+        assert!(matches!(busy, Err(UpstreamDialogError::Greeting(_))));
+    }
+}

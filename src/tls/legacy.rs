@@ -174,6 +174,108 @@ pub fn has_ssl3() -> bool {
     !cfg!(no_ssl3)
 }
 
+/// Loads OpenSSL's "legacy" provider, where OpenSSL 3 keeps RC4, once per process and before the
+/// first `SslContext`: a context only offers the suites whose algorithms it can fetch when it is
+/// created. `retain_fallbacks` keeps the implicit default provider (AES, SHA-2, ECDHE, ...)
+/// active; a plain `Provider::load` would switch it off. The provider stays loaded for good.
+#[cfg(feature = "legacy-ciphers")]
+pub fn load_legacy_provider() -> Result<()> {
+    static LEGACY: std::sync::OnceLock<Result<openssl::provider::Provider, String>> =
+        std::sync::OnceLock::new();
+    match LEGACY.get_or_init(|| {
+        openssl::provider::Provider::try_load(None, "legacy", true).map_err(|err| err.to_string())
+    }) {
+        Ok(_) => Ok(()),
+        Err(err) => bail!(
+            "cannot load OpenSSL's \"legacy\" provider (RC4 needs it) into {}: {err}",
+            openssl::version::version()
+        ),
+    }
+}
+
+/// Without the `legacy-ciphers` feature nothing is loaded: the standard build has no RC4.
+#[cfg(not(feature = "legacy-ciphers"))]
+pub fn load_legacy_provider() -> Result<()> {
+    Ok(())
+}
+
+/// What the linked OpenSSL can offer very old devices beyond the standard suites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LegacySupport {
+    /// `DES-CBC3-SHA` (3DES) is a usable suite.
+    pub des3: bool,
+    /// `RC4-SHA` is a usable suite (needs the legacy provider).
+    pub rc4: bool,
+    /// SSLv3 is compiled in.
+    pub ssl3: bool,
+}
+
+/// Asks the linked OpenSSL (after loading the legacy provider where the build has it).
+pub fn legacy_support() -> LegacySupport {
+    let provider = load_legacy_provider().is_ok();
+    LegacySupport {
+        des3: suite_available("DES-CBC3-SHA"),
+        rc4: provider && suite_available("RC4-SHA"),
+        ssl3: has_ssl3(),
+    }
+}
+
+/// True when this is a `legacy-ciphers` build and its OpenSSL really offers 3DES and RC4.
+pub fn legacy_ciphers_available() -> bool {
+    let support = legacy_support();
+    cfg!(feature = "legacy-ciphers") && support.des3 && support.rc4
+}
+
+/// One line for `--version`: whether 3DES, RC4 and SSLv3 can be offered to devices.
+pub fn legacy_summary() -> String {
+    let support = legacy_support();
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    let detail = format!(
+        "3DES {}, RC4 {}, SSLv3 {}",
+        yes(support.des3),
+        yes(support.rc4),
+        yes(support.ssl3)
+    );
+    if cfg!(feature = "legacy-ciphers") && support.des3 && support.rc4 {
+        format!("legacy ciphers: available ({detail})")
+    } else if cfg!(feature = "legacy-ciphers") {
+        format!("legacy ciphers: built with \"legacy-ciphers\" but incomplete ({detail})")
+    } else {
+        format!(
+            "legacy ciphers: not available ({detail}); build with the \"legacy-ciphers\" feature"
+        )
+    }
+}
+
+/// True when OpenSSL accepts `suite` as a cipher list at security level 0.
+fn suite_available(suite: &str) -> bool {
+    SslContextBuilder::new(SslMethod::tls_server())
+        .map(|mut probe| {
+            probe.set_security_level(0);
+            probe.set_cipher_list(suite).is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// Checks `min_version` and `ciphers` against the linked OpenSSL without needing the certificate
+/// files: what `build_context` would refuse for these two settings, it refuses too.
+pub fn check_protocol_settings(config: &DeviceTlsConfig) -> Result<()> {
+    load_legacy_provider()?;
+    protocol_version(config.min_version)?;
+    check_named_suites(&config.ciphers)?;
+    let mut probe = SslContextBuilder::new(SslMethod::tls_server())?;
+    probe.set_security_level(0);
+    probe
+        .set_cipher_list(&format!("{}:{NEVER}", config.ciphers))
+        .map_err(|err| {
+            anyhow!(
+                "device_tls.ciphers: OpenSSL rejects {:?}: {err}",
+                config.ciphers
+            )
+        })?;
+    Ok(())
+}
+
 /// Names every explicitly named suite that the linked OpenSSL does not have, so a config asking
 /// for 3DES or RC4 fails at start-up instead of at a device's handshake.
 fn check_named_suites(ciphers: &str) -> Result<()> {
@@ -183,20 +285,28 @@ fn check_named_suites(ciphers: &str) -> Result<()> {
         .split([':', ',', ' '])
         .filter(|t| !t.is_empty() && !keyword(t))
     {
-        let mut probe = SslContextBuilder::new(SslMethod::tls_server())?;
-        probe.set_security_level(0);
-        if probe.set_cipher_list(token).is_err() {
+        if suite_available(token) {
+            continue;
+        }
+        if cfg!(feature = "legacy-ciphers") {
             bail!(
-                "device_tls.ciphers: {token} is not available in the linked OpenSSL ({}); 3DES, \
-                 RC4 and SSLv3 need a build with the \"legacy-ciphers\" feature",
+                "device_tls.ciphers: {token} is not a suite of the linked OpenSSL ({}), even \
+                 with \"legacy-ciphers\"; check the name with `openssl ciphers -v`",
                 openssl::version::version()
             );
         }
+        bail!(
+            "device_tls.ciphers: {token} is not available in the linked OpenSSL ({}); 3DES, \
+             RC4 and SSLv3 need a build with the \"legacy-ciphers\" feature",
+            openssl::version::version()
+        );
     }
     Ok(())
 }
 
 fn build_context(config: &DeviceTlsConfig) -> Result<SslContext> {
+    // Before the context exists: it only offers the suites it can fetch when it is created.
+    load_legacy_provider()?;
     let mut builder = SslContextBuilder::new(SslMethod::tls_server())?;
     // Level 0 before anything else: TLS 1.0/1.1, SHA-1 signatures and SHA-1 certs need it.
     builder.set_security_level(0);
