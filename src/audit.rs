@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::{info, warn, Span};
 
@@ -101,7 +101,7 @@ impl SessionRecord {
 
     /// Records the device leg (`None`: plaintext) and logs `legacy_client` when it was weaker
     /// than TLS 1.2 with forward secrecy.
-    pub fn device_established(&mut self, tls: Option<&DeviceTls>, handshake: Duration) {
+    pub fn device_established(&mut self, tls: Option<&DeviceTls>) {
         match tls {
             Some(tls) => {
                 self.device_tls = tls.version;
@@ -119,10 +119,10 @@ impl SessionRecord {
         span.record("cipher", self.cipher.as_str());
         if let Some(sinks) = &self.sinks {
             sinks.metrics.connection(&self.route, self.device_tls);
-            if tls.is_some() {
+            if let Some(tls) = tls {
                 sinks
                     .metrics
-                    .handshake_took(&self.route, "device", handshake);
+                    .handshake_took(&self.route, "device", tls.handshake);
             }
             if self.downgraded {
                 sinks.inventory.record(&Sighting {

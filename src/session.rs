@@ -12,15 +12,15 @@ use tokio::time::{timeout_at, Instant};
 use tracing::{debug, field, warn, Span};
 
 use crate::audit::SessionRecord;
-use crate::config::{DeviceMode, Upstream};
+use crate::config::{DeviceMode, Route, Upstream};
 use crate::device::{self, DeviceStream};
 use crate::greeting;
 use crate::listener::{self, RouteCtx};
 use crate::protocol::{self, smtp, DialogError};
 use crate::proxy_protocol;
-use crate::relay::{self, End};
+use crate::relay::{self, End, Relayed};
 use crate::server::Shared;
-use crate::tls::legacy::HandshakeError;
+use crate::tls::legacy::{DeviceTls, HandshakeError};
 use crate::upstream::{PendingUpstream, Target, UpstreamError, UpstreamLeg};
 
 /// Why a session ended early: a short outcome for logs and metrics, and the full cause.
@@ -140,84 +140,32 @@ async fn drive(
         Upstream::Sni { .. } => None,
     };
     let deadline = Instant::now() + shared.config.device_tls.handshake_timeout;
-    let device_timeout = || {
-        Failure::device(
-            "device_timeout",
-            "device dialog and handshake exceeded device_tls.handshake_timeout",
-        )
-    };
-    let mut ready: Option<UpstreamLeg> = None;
-    let mut handshake_started = Instant::now();
-    let (mut device, tls) = match config.device_tls {
+    let (mut device, tls, ready) = match config.device_tls {
         DeviceMode::Starttls => {
-            let (mut conn, start) = timeout_at(
-                deadline,
-                device::dialog(config.protocol, tcp, shared.server_name()),
-            )
-            .await
-            .map_err(|_| device_timeout())?
-            .map_err(dialog_failure)?;
-            record.client_name = start.client_name.clone();
-            // STARTTLS is answered only once the upstream leg stands, so a failure can still be
-            // given as the protocol's "TLS not available" reply.
-            let leg = match pending.as_mut() {
-                Some(pending) => pending.wait().await,
-                None => Err(UpstreamError::Internal),
-            };
-            let leg = match leg {
-                Ok(leg) => leg,
-                Err(err) => {
-                    let _ = conn
-                        .send(&protocol::starttls_refused(
-                            config.protocol,
-                            &start,
-                            err.reason(),
-                        ))
-                        .await;
-                    return Err(Failure::upstream(&err));
-                }
-            };
-            ready = Some(leg);
-            conn.send(&protocol::starttls_accepted(config.protocol, &start))
-                .await
-                .map_err(|err| Failure::new("device_closed", err))?;
-            let (tcp, pipelined) = conn.into_parts();
-            if !pipelined.is_empty() {
-                warn!(
-                    bytes = pipelined.len(),
-                    "discarded bytes the device sent after STARTTLS (injection attempt?)"
-                );
-            }
-            handshake_started = Instant::now();
-            let (stream, info) =
-                timeout_at(deadline, device::handshake(&shared.acceptor, tcp, None))
-                    .await
-                    .map_err(|_| device_timeout())?
-                    .map_err(handshake_failure)?;
-            (stream, Some(info))
+            let (device, tls, leg) =
+                starttls_device(route, shared, tcp, pending.as_mut(), record, deadline).await?;
+            (device, Some(tls), Some(leg))
         }
         DeviceMode::Tls => {
-            handshake_started = Instant::now();
-            let (stream, info) = timeout_at(
-                deadline,
-                device::handshake(&shared.acceptor, tcp, route.sni_allow.clone()),
-            )
-            .await
-            .map_err(|_| device_timeout())?
-            .map_err(|err| {
-                if let HandshakeError::SniRefused(Some(name)) = &err {
-                    record.sni = smtp::printable(name);
-                }
-                handshake_failure(err)
-            })?;
-            (stream, Some(info))
+            let handshake = device::handshake(&shared.acceptor, tcp, route.sni_allow.clone());
+            let (device, tls) = timeout_at(deadline, handshake)
+                .await
+                .map_err(|_| device_timeout())?
+                .map_err(|err| {
+                    if let HandshakeError::SniRefused(Some(name)) = &err {
+                        record.sni = smtp::printable(name);
+                    }
+                    handshake_failure(err)
+                })?;
+            (device, Some(tls), None)
         }
-        DeviceMode::Plain => (DeviceStream::Plain(tcp), None),
+        DeviceMode::Plain => (DeviceStream::Plain(tcp), None, None),
     };
-    record.device_established(tls.as_ref(), handshake_started.elapsed());
+    record.device_established(tls.as_ref());
     let leg = match ready {
         Some(leg) => Ok(leg),
         None => {
+            // SNI routing: only now is the upstream host known.
             let port = match config.upstream {
                 Upstream::Fixed { port, .. } | Upstream::Sni { port } => port,
             };
@@ -232,9 +180,9 @@ async fn drive(
         Ok(leg) => leg,
         Err(err) => {
             if let Some(reply) = protocol::failure_reply(config.protocol, err.reason()) {
-                let _ = device.write_all(&reply).await;
+                let _ = bounded(device.write_all(&reply)).await;
             }
-            let _ = device.shutdown().await;
+            let _ = bounded(device.shutdown()).await;
             return Err(Failure::upstream(&err));
         }
     };
@@ -242,20 +190,68 @@ async fn drive(
     greeting::reconcile(config, &mut device, &leg)
         .await
         .map_err(|err| Failure::new("device_closed", err))?;
-    let relayed = relay::run(
-        &mut device,
-        &mut leg.stream,
-        shared.config.limits.idle_timeout,
-        &shared.cancel,
-    )
-    .await;
+    let idle = shared.config.limits.idle_timeout;
+    let relayed = relay::run(&mut device, &mut leg.stream, idle, &shared.cancel).await;
+    relay_outcome(relayed, config, &mut device, &leg).await
+}
+
+/// The device side of a STARTTLS route: the dialog, then, once the upstream leg stands, the
+/// answer to STARTTLS and the handshake. A failed upstream gets the protocol's "TLS not
+/// available" reply in plaintext, and the session ends there.
+async fn starttls_device(
+    route: &RouteCtx,
+    shared: &Shared,
+    tcp: TcpStream,
+    pending: Option<&mut PendingUpstream>,
+    record: &mut SessionRecord,
+    deadline: Instant,
+) -> Result<(DeviceStream, DeviceTls, UpstreamLeg), Failure> {
+    let protocol = route.route.protocol;
+    let dialog = device::dialog(protocol, tcp, shared.server_name());
+    let (mut conn, start) = timeout_at(deadline, dialog)
+        .await
+        .map_err(|_| device_timeout())?
+        .map_err(dialog_failure)?;
+    record.client_name = start.client_name.clone();
+    let leg = match pending {
+        Some(pending) => pending.wait().await,
+        None => Err(UpstreamError::Internal),
+    };
+    let leg = match leg {
+        Ok(leg) => leg,
+        Err(err) => {
+            let refusal = protocol::starttls_refused(protocol, &start, err.reason());
+            let _ = bounded(conn.send(&refusal)).await;
+            return Err(Failure::upstream(&err));
+        }
+    };
+    conn.send(&protocol::starttls_accepted(protocol, &start))
+        .await
+        .map_err(|err| Failure::new("device_closed", err))?;
+    let (tcp, pipelined) = conn.into_parts();
+    if !pipelined.is_empty() {
+        warn!(
+            bytes = pipelined.len(),
+            "discarded bytes the device sent after STARTTLS (injection attempt?)"
+        );
+    }
+    let (device, tls) = timeout_at(deadline, device::handshake(&shared.acceptor, tcp, None))
+        .await
+        .map_err(|_| device_timeout())?
+        .map_err(handshake_failure)?;
+    Ok((device, tls, leg))
+}
+
+/// Carries the way the relay ended to the session's outcome, and to the other leg.
+async fn relay_outcome(
+    relayed: Relayed,
+    config: &Route,
+    device: &mut DeviceStream,
+    leg: &UpstreamLeg,
+) -> Result<(u64, u64), Failure> {
     let bytes = (relayed.bytes_up, relayed.bytes_down);
     let failure = match relayed.end {
         End::Clean => return Ok(bytes),
-        End::Idle => {
-            let _ = tokio::time::timeout(Duration::from_secs(1), device.shutdown()).await;
-            Failure::new("idle_timeout", "no data either way for limits.idle_timeout")
-        }
         End::Upstream(err)
             if err.kind() == std::io::ErrorKind::UnexpectedEof
                 && protocol::said_goodbye(
@@ -265,7 +261,7 @@ async fn drive(
                 ) =>
         {
             // A bare FIN after the protocol's own goodbye is a complete session.
-            let _ = tokio::time::timeout(Duration::from_secs(1), device.shutdown()).await;
+            let _ = bounded(device.shutdown()).await;
             return Ok(bytes);
         }
         End::Upstream(err) => {
@@ -284,9 +280,25 @@ async fn drive(
                 format!("device leg ended abnormally: {err}"),
             )
         }
+        End::Idle => {
+            let _ = bounded(device.shutdown()).await;
+            Failure::new("idle_timeout", "no data either way for limits.idle_timeout")
+        }
         End::Cancelled => Failure::new("shutdown", "closed at the end of the drain time"),
     };
     Err(Failure { bytes, ..failure })
+}
+
+/// A last write or close towards a peer that may have stopped reading: never wait long.
+async fn bounded<T>(io: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(Duration::from_secs(5), io).await.ok()
+}
+
+fn device_timeout() -> Failure {
+    Failure::device(
+        "device_timeout",
+        "device dialog and handshake exceeded device_tls.handshake_timeout",
+    )
 }
 
 fn start_upstream(shared: &Shared, route: &RouteCtx, host: &str, port: u16) -> PendingUpstream {

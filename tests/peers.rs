@@ -1,14 +1,16 @@
 //! End to end with real outside programs as peers. Devices: swaks, `openssl s_client` and curl,
 //! each pinned to TLS 1.0 with `DEFAULT:@SECLEVEL=0`. Upstreams: aiosmtpd and Dovecot, both with
 //! TLS 1.2 as their minimum and STARTTLS required, and a local HTTPS server (rustls, TLS 1.2+)
-//! behind an SNI-routed `tcp` route. Each test first shows that the upstream refuses the device's
-//! TLS 1.0 on its own, so a success through tlsbridge is the proxy's doing.
+//! behind an SNI-routed `tcp` route; or two of them, on 127.0.0.2 and 127.0.0.3, behind the real
+//! binary run by `unshare -m` with a private /etc/hosts that maps each allowed name to one of
+//! them. Each test first shows that the upstream refuses the device's TLS 1.0 on its own, so a
+//! success through tlsbridge is the proxy's doing.
 //!
 //! A test whose program is missing prints a notice and passes, unless CI is set: then it fails.
 
 mod support;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use support::ca::{Leaf, Pki};
+use support::ops::{field, is_audit, Process, Route as OpsRoute, Settings};
 use support::peers::{
     free_port, is_root, missing, require, run, user_ids, Bridge, Daemon, FullRoute, Output,
     PROGRAM_TIMEOUT, START_TIMEOUT,
@@ -55,6 +58,19 @@ const CURL_TLS10: &str = "SSL connection using TLSv1 /";
 
 /// curl pinned to TLS 1.0, verifying the server against `ca`, with `url` resolved to 127.0.0.1.
 async fn curl_tls10(ca: &Path, host: &str, port: u16, url: &str, extra: &[&str]) -> Result<Output> {
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    curl_tls10_at(ca, host, loopback, port, url, extra).await
+}
+
+/// [`curl_tls10`] with `host:port` resolved to `ip`.
+async fn curl_tls10_at(
+    ca: &Path,
+    host: &str,
+    ip: IpAddr,
+    port: u16,
+    url: &str,
+    extra: &[&str],
+) -> Result<Output> {
     let mut args = strings(&[
         "--silent",
         "--show-error",
@@ -72,7 +88,7 @@ async fn curl_tls10(ca: &Path, host: &str, port: u16, url: &str, extra: &[&str])
     ]);
     args.push(path_arg(ca));
     args.push("--resolve".into());
-    args.push(format!("{host}:{port}:127.0.0.1"));
+    args.push(format!("{host}:{port}:{ip}"));
     args.extend(strings(extra));
     args.push(url.to_string());
     run("curl", &args, b"", PROGRAM_TIMEOUT).await
@@ -696,17 +712,27 @@ async fn openssl_s_client_starttls_imap_and_pop3_negotiate_tls10() -> Result<()>
 // HTTPS: SNI routing to a local rustls server
 // ---------------------------------------------------------------------------------------------
 
-/// A TLS 1.2+ HTTPS server on 127.0.0.1 answering every request with the SNI it saw.
+/// A TLS 1.2+ HTTPS server (on 127.0.0.1 unless told otherwise) answering every request with
+/// its own address and the SNI it saw.
 struct HttpsUpstream {
     port: u16,
+    addr: SocketAddr,
     /// The SNI of every completed handshake, in order.
     seen: Arc<Mutex<Vec<String>>>,
     handshakes: Arc<AtomicUsize>,
+    /// Accepted TCP connections, handshake or not.
+    connections: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
 impl HttpsUpstream {
     async fn start(leaf: &Leaf) -> Result<HttpsUpstream> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.context("bind")?;
+        HttpsUpstream::serve(leaf, listener)
+    }
+
+    /// Serves on `listener`.
+    fn serve(leaf: &Leaf, listener: TcpListener) -> Result<HttpsUpstream> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -715,29 +741,45 @@ impl HttpsUpstream {
             .with_single_cert(leaf.chain.clone(), leaf.key())
             .context("server certificate")?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.context("bind")?;
-        let port = listener.local_addr()?.port();
+        let addr = listener.local_addr().context("local_addr")?;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let handshakes = Arc::new(AtomicUsize::new(0));
-        let (s, h) = (seen.clone(), handshakes.clone());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (s, h, c) = (seen.clone(), handshakes.clone(), connections.clone());
         let task = tokio::spawn(async move {
+            // Connection tasks live in the set, so aborting this task ends them too.
+            let mut sessions = tokio::task::JoinSet::new();
             while let Ok((tcp, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                while sessions.try_join_next().is_some() {}
                 let (acceptor, seen, handshakes) = (acceptor.clone(), s.clone(), h.clone());
-                tokio::spawn(async move {
-                    let _ = serve_https(acceptor, tcp, seen, handshakes).await;
+                sessions.spawn(async move {
+                    let _ = serve_https(acceptor, tcp, addr, seen, handshakes).await;
                 });
             }
         });
         Ok(HttpsUpstream {
-            port,
+            port: addr.port(),
+            addr,
             seen,
             handshakes,
+            connections,
             task,
         })
     }
 
     fn handshakes(&self) -> usize {
         self.handshakes.load(Ordering::SeqCst)
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting and ends every connection (bounded wait).
+    async fn stop(mut self) {
+        self.task.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
     }
 
     fn seen(&self) -> Vec<String> {
@@ -754,6 +796,7 @@ impl Drop for HttpsUpstream {
 async fn serve_https(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
+    server: SocketAddr,
     seen: Arc<Mutex<Vec<String>>>,
     handshakes: Arc<AtomicUsize>,
 ) -> Result<()> {
@@ -785,7 +828,10 @@ async fn serve_https(
                 .then(|| value.trim().to_string())
         })
         .unwrap_or_default();
-    let body = format!("sni={sni}\nhost={host}\nupstream_tls={version}\n");
+    let body = format!(
+        "server={}\nsni={sni}\nhost={host}\nupstream_tls={version}\n",
+        server.ip()
+    );
     let response = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{body}",
@@ -896,5 +942,189 @@ async fn curl_https_tls10_is_routed_by_sni() -> Result<()> {
         upstream.seen()
     );
     drop(bridge);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTPS: SNI routing to two upstreams, names from a private hosts file
+// ---------------------------------------------------------------------------------------------
+
+/// The hosts file the proxy alone sees (bind-mounted over /etc/hosts in its own mount
+/// namespace): each allowed name leads to its own upstream address.
+const SNI_HOSTS: &str = "127.0.0.1 localhost\n127.0.0.2 a.test\n127.0.0.3 x.b.test\n";
+
+/// `text` as one single-quoted sh word.
+fn sh_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// Two listeners with the same port, on 127.0.0.2 and on 127.0.0.3: an `sni:PORT` route
+/// connects to NAME:PORT whatever the name, so the upstreams can differ only in address.
+async fn same_port_pair() -> Result<(TcpListener, TcpListener)> {
+    let second_ip = Ipv4Addr::new(127, 0, 0, 3);
+    let mut last = None;
+    for _ in 0..5 {
+        let first = TcpListener::bind((Ipv4Addr::new(127, 0, 0, 2), 0))
+            .await
+            .context("bind 127.0.0.2:0")?;
+        let port = first.local_addr().context("local_addr")?.port();
+        match TcpListener::bind((second_ip, port)).await {
+            Ok(second) => return Ok((first, second)),
+            Err(err) => last = Some(err),
+        }
+    }
+    bail!("no port was free on both 127.0.0.2 and 127.0.0.3 in 5 tries; last error: {last:?}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_https_tls10_reaches_the_upstream_its_sni_names() -> Result<()> {
+    support::init_logging();
+    if !require("curl", &["--version"]) || !require("unshare", &["-m", "true"]) {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir().context("tempdir for the proxy")?;
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, SNI_HOSTS).context("write the hosts file")?;
+    let mount = format!("mount --bind {} /etc/hosts", sh_quote(&path_arg(&hosts)));
+    let probe = format!("{mount} && grep -q x.b.test /etc/hosts");
+    if !require("unshare", &["-m", "sh", "-c", &probe]) {
+        return Ok(());
+    }
+
+    let pki = Pki::new()?;
+    let (first, second) = same_port_pair().await?;
+    let a = HttpsUpstream::serve(&pki.ca.leaf(&["a.test"])?, first)?;
+    let b = HttpsUpstream::serve(&pki.ca.leaf(&["x.b.test"])?, second)?;
+    let upstream_port = a.port;
+
+    // On its own, each upstream refuses a TLS 1.0 device.
+    for (upstream, name) in [(&a, "a.test"), (&b, "x.b.test")] {
+        let url = format!("https://{name}:{upstream_port}/");
+        let ip = upstream.addr.ip();
+        let direct = curl_tls10_at(&pki.ca_path, name, ip, upstream_port, &url, &[]).await?;
+        ensure!(
+            direct.code() == Some(35) && upstream.handshakes() == 0,
+            "the HTTPS upstream on {ip} should refuse TLS 1.0: {direct:?}"
+        );
+    }
+
+    let mut settings = Settings::new(
+        &pki,
+        vec![
+            OpsRoute::tcp("https", "tls", &format!("sni:{upstream_port}"))
+                .sni_allow(&["a.test", "*.b.test"]),
+        ],
+    );
+    settings.admin = String::new();
+    settings.names = strings(&["a.test", "x.b.test", "localhost"]);
+    let exec = format!("{mount} && exec \"$0\" \"$@\"");
+    let wrapper = strings(&["unshare", "-m", "sh", "-c", &exec]);
+    let mut proxy = Process::start_via(dir.path(), &settings, &wrapper).await?;
+    let port = proxy.addr("https").port();
+    let ca = dir.path().join("certs/ca.crt");
+    let closed_with = |sni: &str, outcome: &str| {
+        let (sni, outcome) = (sni.to_string(), outcome.to_string());
+        move |e: &serde_json::Value| {
+            is_audit(e, "session_closed")
+                && field(e, "sni") == sni
+                && field(e, "outcome") == outcome
+        }
+    };
+
+    // Each allowed name reaches the upstream its name resolves to, and only that one.
+    for (name, upstream, other) in [("a.test", &a, &b), ("x.b.test", &b, &a)] {
+        let (mine, theirs) = (upstream.connections(), other.connections());
+        let url = format!("https://{name}:{port}/");
+        let out = curl_tls10(&ca, name, port, &url, &[]).await?;
+        assert_curl_tls10_ok(&out).with_context(|| proxy.output())?;
+        let server = upstream.addr.ip();
+        ensure!(
+            has_line(&out.stdout, &format!("server={server}"))
+                && has_line(&out.stdout, &format!("sni={name}"))
+                && has_line(&out.stdout, &format!("host={name}:{port}")),
+            "{name} should be answered by {server} under that name: {out:?}"
+        );
+        ensure!(
+            upstream.connections() == mine + 1 && other.connections() == theirs,
+            "{name}: one connection to {server} and none elsewhere expected; {server} saw \
+             {:?}, {} saw {:?}",
+            upstream.seen(),
+            other.addr.ip(),
+            other.seen()
+        );
+        let event = proxy
+            .wait_event(
+                &format!("session_closed ok for {name}"),
+                Duration::from_secs(10),
+                closed_with(name, "ok"),
+            )
+            .await?;
+        ensure!(
+            field(&event, "device_tls") == "TLSv1"
+                && matches!(field(&event, "upstream_tls"), "TLSv1.2" | "TLSv1.3"),
+            "{name}: TLS 1.0 in, TLS 1.2+ out expected: {event}"
+        );
+    }
+    ensure!(
+        a.seen() == ["a.test"] && b.seen() == ["x.b.test"],
+        "upstream handshakes: 127.0.0.2 saw {:?}, 127.0.0.3 saw {:?}",
+        a.seen(),
+        b.seen()
+    );
+
+    // A name outside sni_allow, and no SNI at all (an IP literal): refused with the handshake,
+    // and neither upstream sees a connection.
+    let before = (a.connections(), b.connections());
+    for (sni, host) in [("c.test", "c.test"), ("", "127.0.0.1")] {
+        let url = format!("https://{host}:{port}/");
+        let out = curl_tls10(&ca, host, port, &url, &["--insecure"]).await?;
+        ensure!(
+            out.code() == Some(35) && !out.stderr.contains(CURL_TLS10),
+            "{url}: a TLS handshake failure expected: {out:?}"
+        );
+        proxy
+            .wait_event(
+                &format!("session_closed sni_refused for SNI {sni:?}"),
+                Duration::from_secs(10),
+                closed_with(sni, "sni_refused"),
+            )
+            .await?;
+    }
+    ensure!(
+        (a.connections(), b.connections()) == before,
+        "refused devices reached an upstream: 127.0.0.2 saw {:?}, 127.0.0.3 saw {:?}",
+        a.seen(),
+        b.seen()
+    );
+
+    proxy.signal("TERM")?;
+    let status = proxy.wait_exit(Duration::from_secs(40)).await?;
+    ensure!(
+        status.success(),
+        "tlsbridge ended with {status} after SIGTERM\n{}",
+        proxy.output()
+    );
+    let mut sessions: Vec<(String, String)> = proxy
+        .events()
+        .iter()
+        .filter(|e| is_audit(e, "session_closed"))
+        .map(|e| (field(e, "sni").to_string(), field(e, "outcome").to_string()))
+        .collect();
+    sessions.sort();
+    let expected = [
+        ("", "sni_refused"),
+        ("a.test", "ok"),
+        ("c.test", "sni_refused"),
+        ("x.b.test", "ok"),
+    ];
+    ensure!(
+        sessions
+            .iter()
+            .map(|(s, o)| (s.as_str(), o.as_str()))
+            .eq(expected),
+        "session_closed events (sni, outcome): {sessions:?}, expected {expected:?}"
+    );
+    a.stop().await;
+    b.stop().await;
     Ok(())
 }

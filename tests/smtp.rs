@@ -289,6 +289,11 @@ async fn device_tls12_rsa_key_exchange_only_connects() {
 }
 
 #[tokio::test]
+async fn device_tls13_connects() {
+    legacy_profile_connects(Legacy::Tls13).await;
+}
+
+#[tokio::test]
 async fn device_without_verification_connects() {
     support::init_logging();
     let pki = Pki::new().expect("test PKI");

@@ -7,8 +7,8 @@ use std::sync::{Arc, RwLock};
 use anyhow::{anyhow, bail, Context, Result};
 use openssl::dh::Dh;
 use openssl::ssl::{
-    NameType, Ssl, SslAlert, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslOptions,
-    SslRef, SslVersion,
+    NameType, Ssl, SslAlert, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslMode,
+    SslOptions, SslRef, SslVersion,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_openssl::SslStream;
@@ -29,10 +29,12 @@ pub struct DeviceTls {
     pub sni: Option<String>,
     /// True when the key exchange gives forward secrecy (ECDHE/DHE, or any TLS 1.3 suite).
     pub forward_secrecy: bool,
+    /// How long the handshake took.
+    pub handshake: std::time::Duration,
 }
 
 impl DeviceTls {
-    fn of(ssl: &SslRef) -> DeviceTls {
+    fn of(ssl: &SslRef, handshake: std::time::Duration) -> DeviceTls {
         let cipher = ssl.current_cipher();
         let description = cipher.map(|c| c.description()).unwrap_or_default();
         let kx = description
@@ -44,6 +46,7 @@ impl DeviceTls {
             cipher: cipher.map(|c| c.name()).unwrap_or("").to_string(),
             sni: ssl.servername(NameType::HOST_NAME).map(str::to_string),
             forward_secrecy: matches!(kx, "ECDH" | "DH" | "any" | "ECDHEPSK" | "DHEPSK"),
+            handshake,
         }
     }
 
@@ -110,6 +113,7 @@ impl LegacyAcceptor {
             SslStream::new(ssl, stream)
         };
         let mut stream = setup(stream).map_err(|err| HandshakeError::Failed(err.to_string()))?;
+        let started = std::time::Instant::now();
         if let Err(err) = Pin::new(&mut stream).accept().await {
             let sni = stream
                 .ssl()
@@ -128,7 +132,7 @@ impl LegacyAcceptor {
                 None => err.to_string(),
             }));
         }
-        let info = DeviceTls::of(stream.ssl());
+        let info = DeviceTls::of(stream.ssl(), started.elapsed());
         Ok((stream, info))
     }
 }
@@ -260,12 +264,27 @@ fn suite_available(suite: &str) -> bool {
 /// Checks `min_version` and `ciphers` against the linked OpenSSL without needing the certificate
 /// files: what `build_context` would refuse for these two settings, it refuses too.
 pub fn check_protocol_settings(config: &DeviceTlsConfig) -> Result<()> {
+    apply_protocol_settings(
+        &mut SslContextBuilder::new(SslMethod::tls_server())?,
+        config,
+    )
+}
+
+/// Security level, protocol versions and cipher suites: the part of the acceptor that decides
+/// which devices get in.
+fn apply_protocol_settings(
+    builder: &mut SslContextBuilder,
+    config: &DeviceTlsConfig,
+) -> Result<()> {
+    // Before the context exists: it only offers the suites it can fetch when it is created.
     load_legacy_provider()?;
-    protocol_version(config.min_version)?;
+    // Level 0 before anything else: TLS 1.0/1.1, SHA-1 signatures and SHA-1 certs need it.
+    builder.set_security_level(0);
+    // Explicit, so a system openssl.cnf with MinProtocol = TLSv1.2 cannot win.
+    builder.set_min_proto_version(Some(protocol_version(config.min_version)?))?;
+    builder.set_max_proto_version(None)?;
     check_named_suites(&config.ciphers)?;
-    let mut probe = SslContextBuilder::new(SslMethod::tls_server())?;
-    probe.set_security_level(0);
-    probe
+    builder
         .set_cipher_list(&format!("{}:{NEVER}", config.ciphers))
         .map_err(|err| {
             anyhow!(
@@ -305,23 +324,10 @@ fn check_named_suites(ciphers: &str) -> Result<()> {
 }
 
 fn build_context(config: &DeviceTlsConfig) -> Result<SslContext> {
-    // Before the context exists: it only offers the suites it can fetch when it is created.
-    load_legacy_provider()?;
     let mut builder = SslContextBuilder::new(SslMethod::tls_server())?;
-    // Level 0 before anything else: TLS 1.0/1.1, SHA-1 signatures and SHA-1 certs need it.
-    builder.set_security_level(0);
-    // Explicit, so a system openssl.cnf with MinProtocol = TLSv1.2 cannot win.
-    builder.set_min_proto_version(Some(protocol_version(config.min_version)?))?;
-    builder.set_max_proto_version(None)?;
-    check_named_suites(&config.ciphers)?;
-    builder
-        .set_cipher_list(&format!("{}:{NEVER}", config.ciphers))
-        .map_err(|err| {
-            anyhow!(
-                "device_tls.ciphers: OpenSSL rejects {:?}: {err}",
-                config.ciphers
-            )
-        })?;
+    apply_protocol_settings(&mut builder, config)?;
+    // An idle session gives its read and write buffers back to the allocator.
+    builder.set_mode(SslMode::RELEASE_BUFFERS);
     builder.set_options(
         SslOptions::IGNORE_UNEXPECTED_EOF
             | SslOptions::NO_COMPRESSION
@@ -376,6 +382,23 @@ fn load_identity(builder: &mut SslContextBuilder, cert: &Path, key: &Path) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn downgraded_means_weaker_than_tls12_with_forward_secrecy() {
+        let tls = |version, forward_secrecy| DeviceTls {
+            handshake: std::time::Duration::ZERO,
+            version,
+            cipher: String::new(),
+            sni: None,
+            forward_secrecy,
+        };
+        assert!(tls("SSLv3", true).downgraded());
+        assert!(tls("TLSv1", true).downgraded());
+        assert!(tls("TLSv1.1", true).downgraded());
+        assert!(tls("TLSv1.2", false).downgraded(), "RSA key exchange");
+        assert!(!tls("TLSv1.2", true).downgraded());
+        assert!(!tls("TLSv1.3", true).downgraded());
+    }
 
     #[test]
     fn wildcards_match_one_label_only() {

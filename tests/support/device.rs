@@ -28,6 +28,8 @@ pub enum Legacy {
     Tls12,
     /// TLS 1.2 offering only RSA key exchange suites (no forward secrecy).
     Tls12RsaKx,
+    /// A current client: TLS 1.3 only (not a legacy device; must get through unlogged).
+    Tls13,
 }
 
 /// The RSA key exchange suites of [`Legacy::Tls12RsaKx`].
@@ -47,6 +49,7 @@ impl Legacy {
             Legacy::Tls10 => SslVersion::TLS1,
             Legacy::Tls11 => SslVersion::TLS1_1,
             Legacy::Tls12 | Legacy::Tls12RsaKx => SslVersion::TLS1_2,
+            Legacy::Tls13 => SslVersion::TLS1_3,
         }
     }
 
@@ -56,6 +59,7 @@ impl Legacy {
             Legacy::Tls10 => "TLSv1",
             Legacy::Tls11 => "TLSv1.1",
             Legacy::Tls12 | Legacy::Tls12RsaKx => "TLSv1.2",
+            Legacy::Tls13 => "TLSv1.3",
         }
     }
 

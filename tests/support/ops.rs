@@ -46,6 +46,8 @@ pub struct Route {
     pub allow: Option<Vec<String>>,
     pub proxy_protocol: bool,
     pub proxy_from: Vec<String>,
+    /// `sni_allow`; empty: not written.
+    pub sni_allow: Vec<String>,
 }
 
 impl Route {
@@ -61,7 +63,25 @@ impl Route {
             allow: None,
             proxy_protocol: false,
             proxy_from: Vec::new(),
+            sni_allow: Vec::new(),
         }
+    }
+
+    /// A `tcp` route with device `device_tls` to `upstream` (`host:port` or `sni:port`) over
+    /// implicit TLS.
+    pub fn tcp(name: &str, device_tls: &str, upstream: &str) -> Route {
+        Route {
+            protocol: "tcp".to_string(),
+            upstream: upstream.to_string(),
+            upstream_tls: "tls".to_string(),
+            ..Route::smtp(name, device_tls, 0)
+        }
+    }
+
+    /// Sets `sni_allow`.
+    pub fn sni_allow(mut self, names: &[&str]) -> Route {
+        self.sni_allow = names.iter().map(|n| n.to_string()).collect();
+        self
     }
 
     /// Replaces the ACL.
@@ -89,6 +109,8 @@ pub struct Settings {
     pub max_connections_per_ip: usize,
     pub drain_timeout: String,
     pub extra_roots: Vec<PathBuf>,
+    /// `device_tls.names`: the names on the device certificate.
+    pub names: Vec<String>,
     pub routes: Vec<Route>,
 }
 
@@ -117,6 +139,7 @@ impl Settings {
             max_connections_per_ip: 0,
             drain_timeout: "10s".to_string(),
             extra_roots: vec![pki.ca_path.clone()],
+            names: vec!["localhost".to_string()],
             routes,
         }
     }
@@ -138,7 +161,7 @@ impl Settings {
             "key = {}",
             quoted_path(&dir.join("certs/tlsbridge.key"))
         );
-        let _ = writeln!(toml, "names = [\"localhost\"]");
+        let _ = writeln!(toml, "names = {}", quoted_list(&self.names));
         let _ = writeln!(
             toml,
             "handshake_timeout = {}",
@@ -174,6 +197,9 @@ impl Settings {
             if route.proxy_protocol {
                 let _ = writeln!(toml, "proxy_protocol = true");
                 let _ = writeln!(toml, "proxy_from = {}", quoted_list(&route.proxy_from));
+            }
+            if !route.sni_allow.is_empty() {
+                let _ = writeln!(toml, "sni_allow = {}", quoted_list(&route.sni_allow));
             }
         }
         toml
@@ -309,11 +335,26 @@ impl Process {
     /// Writes the configuration into `dir`, starts the binary there and waits until every route
     /// and (when enabled) the admin endpoint logged the address they are bound to.
     pub async fn start(dir: &Path, settings: &Settings) -> Result<Process> {
+        Process::start_via(dir, settings, &[]).await
+    }
+
+    /// [`start`](Self::start), with the binary run by `wrapper` (a program and its first
+    /// arguments, e.g. `unshare -m sh -c SCRIPT`): the command line is `wrapper... tlsbridge run
+    /// ...`. The wrapper must `exec` the binary, so signals reach it.
+    pub async fn start_via(dir: &Path, settings: &Settings, wrapper: &[String]) -> Result<Process> {
         let config_path = settings.write(dir)?;
         let stderr_path = dir.join(format!("stderr-{}.log", unique()));
         let stderr = std::fs::File::create(&stderr_path)
             .with_context(|| format!("create {}", stderr_path.display()))?;
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tlsbridge"));
+        let binary = env!("CARGO_BIN_EXE_tlsbridge");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         command
             .arg("run")
             .arg("--config")
