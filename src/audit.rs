@@ -152,6 +152,21 @@ impl SessionRecord {
         }
     }
 
+    /// A device on implicit TLS or plaintext says EHLO inside the relay: its name (which
+    /// usually names the model) still belongs in the inventory.
+    pub fn first_device_command(&mut self, head: &[u8]) {
+        if self.protocol != Protocol::Smtp || self.client_name.is_some() || !self.downgraded {
+            return;
+        }
+        let Some(name) = crate::protocol::smtp::client_name(head) else {
+            return;
+        };
+        if let Some(sinks) = &self.sinks {
+            sinks.inventory.set_ehlo(self.peer.ip(), &name);
+        }
+        self.client_name = Some(name);
+    }
+
     pub fn upstream_established(&mut self, leg: &UpstreamLeg) {
         self.upstream_tls = leg.tls_version;
         self.upstream_cipher = leg.cipher.clone();

@@ -107,6 +107,14 @@ impl Inventory {
         }
     }
 
+    /// Records the EHLO name of a device already in the inventory.
+    pub fn set_ehlo(&self, ip: IpAddr, name: &str) {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = clients.get_mut(&ip) {
+            client.ehlo = name.to_string();
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.clients.lock().unwrap_or_else(|p| p.into_inner()).len()
     }

@@ -34,19 +34,39 @@ pub enum End {
     Cancelled,
 }
 
-/// Bytes kept from the end of each direction, to recognise a protocol's own goodbye.
-const TAIL: usize = 64;
+/// Bytes kept from the start and the end of each direction: enough for a protocol's first
+/// command (the SMTP EHLO that names a device) and its goodbye.
+const KEEP: usize = 64;
 
-/// The outcome with the byte counts (payload only, TLS overhead not included).
+/// What passed one way: the byte count (payload only, TLS overhead not included), the first
+/// bytes and the last bytes.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub bytes: u64,
+    pub head: Vec<u8>,
+    pub tail: Vec<u8>,
+}
+
+impl Seen {
+    fn passed(&mut self, chunk: &[u8]) {
+        self.bytes += chunk.len() as u64;
+        let room = KEEP.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&chunk[..room.min(chunk.len())]);
+        self.tail
+            .extend_from_slice(&chunk[chunk.len().saturating_sub(KEEP)..]);
+        let excess = self.tail.len().saturating_sub(KEEP);
+        self.tail.drain(..excess);
+    }
+}
+
+/// How the relay ended and what passed each way.
 #[derive(Debug)]
 pub struct Relayed {
     pub end: End,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    /// The last bytes the device sent.
-    pub tail_up: Vec<u8>,
-    /// The last bytes the upstream sent.
-    pub tail_down: Vec<u8>,
+    /// Device to upstream.
+    pub up: Seen,
+    /// Upstream to device.
+    pub down: Seen,
 }
 
 /// Copies device -> upstream and upstream -> device until both ends finish or one fails.
@@ -62,20 +82,27 @@ where
 {
     let start = Instant::now();
     let last_activity = AtomicU64::new(0);
-    let (bytes_up, bytes_down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (tail_up, tail_down) = (Mutex::new(Vec::new()), Mutex::new(Vec::new()));
+    let (up_seen, down_seen) = (Mutex::default(), Mutex::default());
     let (mut device_rx, mut device_tx) = tokio::io::split(device);
     let (mut upstream_rx, mut upstream_tx) = tokio::io::split(upstream);
     let up = copy(
         &mut device_rx,
         &mut upstream_tx,
-        Meter::new(&bytes_up, &tail_up, &last_activity, start),
+        Meter {
+            seen: &up_seen,
+            last_activity: &last_activity,
+            start,
+        },
         Side::Device,
     );
     let down = copy(
         &mut upstream_rx,
         &mut device_tx,
-        Meter::new(&bytes_down, &tail_down, &last_activity, start),
+        Meter {
+            seen: &down_seen,
+            last_activity: &last_activity,
+            start,
+        },
         Side::Upstream,
     );
     let end = tokio::select! {
@@ -87,13 +114,11 @@ where
         () = idle_watch(&last_activity, start, idle) => End::Idle,
         () = cancel.cancelled() => End::Cancelled,
     };
-    let tail = |t: Mutex<Vec<u8>>| t.into_inner().unwrap_or_else(|p| p.into_inner());
+    let seen = |s: Mutex<Seen>| s.into_inner().unwrap_or_else(|p| p.into_inner());
     Relayed {
         end,
-        bytes_up: bytes_up.into_inner(),
-        bytes_down: bytes_down.into_inner(),
-        tail_up: tail(tail_up),
-        tail_down: tail(tail_down),
+        up: seen(up_seen),
+        down: seen(down_seen),
     }
 }
 
@@ -112,42 +137,26 @@ impl Side {
     }
 }
 
-/// One direction: read from `from`, write to the other side; on clean EOF, close the other side
-/// in this direction only.
 /// What one direction records as bytes pass.
 struct Meter<'a> {
-    bytes: &'a AtomicU64,
-    tail: &'a Mutex<Vec<u8>>,
+    seen: &'a Mutex<Seen>,
     last_activity: &'a AtomicU64,
     start: Instant,
 }
 
-impl<'a> Meter<'a> {
-    fn new(
-        bytes: &'a AtomicU64,
-        tail: &'a Mutex<Vec<u8>>,
-        last_activity: &'a AtomicU64,
-        start: Instant,
-    ) -> Self {
-        Meter {
-            bytes,
-            tail,
-            last_activity,
-            start,
-        }
-    }
-
+impl Meter<'_> {
     fn passed(&self, chunk: &[u8]) {
-        self.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         let elapsed = self.start.elapsed().as_millis() as u64;
         self.last_activity.store(elapsed, Ordering::Relaxed);
-        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        tail.extend_from_slice(&chunk[chunk.len().saturating_sub(TAIL)..]);
-        let excess = tail.len().saturating_sub(TAIL);
-        tail.drain(..excess);
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .passed(chunk);
     }
 }
 
+/// One direction: read from `from`, write to the other side; on clean EOF, close the other side
+/// in this direction only.
 async fn copy<R, W>(
     reader: &mut R,
     writer: &mut W,
@@ -221,7 +230,9 @@ mod tests {
         );
         let relayed = relay.await.unwrap();
         assert!(matches!(relayed.end, End::Clean), "{:?}", relayed.end);
-        assert_eq!((relayed.bytes_up, relayed.bytes_down), (7, 15));
+        assert_eq!((relayed.up.bytes, relayed.down.bytes), (7, 15));
+        assert_eq!(relayed.up.head, b"request");
+        assert_eq!(relayed.down.tail, b"the whole reply");
     }
 
     #[tokio::test(start_paused = true)]

@@ -192,6 +192,7 @@ async fn drive(
         .map_err(|err| Failure::new("device_closed", err))?;
     let idle = shared.config.limits.idle_timeout;
     let relayed = relay::run(&mut device, &mut leg.stream, idle, &shared.cancel).await;
+    record.first_device_command(&relayed.up.head);
     relay_outcome(relayed, config, &mut device, &leg).await
 }
 
@@ -249,15 +250,15 @@ async fn relay_outcome(
     device: &mut DeviceStream,
     leg: &UpstreamLeg,
 ) -> Result<(u64, u64), Failure> {
-    let bytes = (relayed.bytes_up, relayed.bytes_down);
+    let bytes = (relayed.up.bytes, relayed.down.bytes);
     let failure = match relayed.end {
         End::Clean => return Ok(bytes),
         End::Upstream(err)
             if err.kind() == std::io::ErrorKind::UnexpectedEof
                 && protocol::said_goodbye(
                     config.protocol,
-                    &relayed.tail_up,
-                    &relayed.tail_down,
+                    &relayed.up.tail,
+                    &relayed.down.tail,
                 ) =>
         {
             // A bare FIN after the protocol's own goodbye is a complete session.

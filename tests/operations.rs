@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::ca::Pki;
-use support::device::{connect, Legacy, SmtpClient, Verify};
+use support::device::{
+    connect, smtp_session, DeviceMode, Legacy, Mail, SmtpClient, Verify, DEVICE_EHLO,
+};
 use support::lines::Close;
 use support::ops::{
     self, field, is_audit, number, read_until_closed, scrape, scrape_until, series, Exposition,
@@ -404,6 +406,29 @@ async fn clients_and_the_inventory_command_show_the_legacy_device() {
 
 /// Reads everything a refused connection gets until the proxy closes it (bounded); returns it
 /// as text, and how the connection ended.
+/// A device on implicit TLS says EHLO inside TLS: the inventory still learns its name.
+#[tokio::test]
+async fn the_inventory_learns_the_ehlo_name_of_an_implicit_tls_device() {
+    support::init_logging();
+    let pki = Pki::new().expect("test PKI");
+    let upstream = normal_upstream(&pki).await;
+    let proxy = InProcess::start(&Settings::new(
+        &pki,
+        vec![Route::smtp("smtps", "tls", upstream.port())],
+    ))
+    .await
+    .expect("start the proxy");
+    let mode = DeviceMode::Tls(Legacy::Tls10);
+    smtp_session(proxy.addr("smtps"), mode, &proxy.verify(), &Mail::sample())
+        .await
+        .expect("a TLS 1.0 session on the implicit TLS route");
+    let clients = ops::clients(proxy.admin()).await.expect("/clients");
+    assert_eq!(clients.len(), 1, "{clients:#?}");
+    assert_eq!(clients[0]["ehlo"], DEVICE_EHLO, "{:#}", clients[0]);
+    assert_eq!(clients[0]["routes"], serde_json::json!(["smtps"]));
+    proxy.stop().await.expect("stop the proxy");
+}
+
 async fn first_line_then_close(mut tcp: TcpStream) -> (String, Close) {
     let (got, close) = read_until_closed(&mut tcp, CLOSE_LIMIT)
         .await

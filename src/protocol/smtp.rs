@@ -150,6 +150,15 @@ pub async fn read_reply<S: AsyncRead + AsyncWrite + Unpin>(
     )))
 }
 
+/// The name in an `EHLO name` / `HELO name` line at the start of `bytes`, if there is one.
+pub fn client_name(bytes: &[u8]) -> Option<String> {
+    let line = bytes.split(|&b| b == b'\n').next()?;
+    let line = String::from_utf8_lossy(line);
+    let (verb, arg) = verb(line.trim_end());
+    let name = printable(arg.split_whitespace().next()?);
+    (matches!(verb.as_str(), "EHLO" | "HELO") && !name.is_empty()).then_some(name)
+}
+
 /// Keeps a peer-chosen string safe for logs: printable ASCII only, bounded length.
 pub fn printable(text: &str) -> String {
     text.chars()
@@ -176,6 +185,20 @@ mod tests {
             seen.extend_from_slice(&buf[..n]);
         }
         String::from_utf8(seen).unwrap()
+    }
+
+    #[test]
+    fn client_name_comes_from_ehlo_or_helo_only() {
+        assert_eq!(
+            client_name(b"EHLO MX-3070\r\nAUTH PLAIN x\r\n").as_deref(),
+            Some("MX-3070")
+        );
+        assert_eq!(
+            client_name(b"helo scanner.lan\r\n").as_deref(),
+            Some("scanner.lan")
+        );
+        assert_eq!(client_name(b"AUTH PLAIN c2VjcmV0\r\n"), None);
+        assert_eq!(client_name(b"EHLO\r\n"), None);
     }
 
     #[tokio::test]
