@@ -7,10 +7,12 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`.
 pub fn init(level: &str, format: LogFormat) -> anyhow::Result<()> {
-    init_with(level, format, std::io::stdout)
+    use std::io::IsTerminal;
+    init_with(level, format, std::io::stdout().is_terminal(), std::io::stdout)
 }
 
-pub fn init_with<W>(level: &str, format: LogFormat, writer: W) -> anyhow::Result<()>
+/// Like `init`, with colours only when `ansi` (a terminal, not a log file or journald).
+pub fn init_with<W>(level: &str, format: LogFormat, ansi: bool, writer: W) -> anyhow::Result<()>
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
@@ -21,6 +23,7 @@ where
     .map_err(|err| anyhow::anyhow!("log.level: {err}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(writer);
     let result = match format {
         LogFormat::Text => builder.try_init(),
