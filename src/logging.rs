@@ -8,7 +8,12 @@ use crate::config::LogFormat;
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`.
 pub fn init(level: &str, format: LogFormat) -> anyhow::Result<()> {
     use std::io::IsTerminal;
-    init_with(level, format, std::io::stdout().is_terminal(), std::io::stdout)
+    init_with(
+        level,
+        format,
+        std::io::stdout().is_terminal(),
+        std::io::stdout,
+    )
 }
 
 /// Like `init`, with colours only when `ansi` (a terminal, not a log file or journald).
