@@ -257,7 +257,7 @@ impl Config {
             .map_err(|err| ConfigError(format!("invalid configuration: {err}")))?;
         let config: Config = serde_path_to_error::deserialize(layered).map_err(|err| {
             let key = err.path().to_string();
-            invalid(key, err.into_inner())
+            invalid(key, dotted(&err.into_inner().to_string()))
         })?;
         config.validate()?;
         Ok(config)
@@ -412,6 +412,19 @@ names!(DeviceMode { Tls => "tls", Starttls => "starttls", Plain => "plain" });
 names!(UpstreamMode { Tls => "tls", Starttls => "starttls" });
 names!(LegacyVersion { Ssl3 => "SSLv3", Tls1 => "TLSv1", Tls11 => "TLSv1.1", Tls12 => "TLSv1.2" });
 names!(ModernVersion { Tls12 => "TLSv1.2", Tls13 => "TLSv1.3" });
+
+/// The config crate writes nested keys under arrays as `route[0]name`: put the dot back.
+fn dotted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == ']' && chars.peek().is_some_and(|next| next.is_ascii_alphabetic()) {
+            out.push('.');
+        }
+    }
+    out
+}
 
 fn parse_toml(origin: &str, text: &str) -> Result<Map<String, Value>, ConfigError> {
     let uri = origin.to_string();
@@ -578,6 +591,12 @@ mod tests {
             let err = load(file, env).expect_err(file).to_string();
             assert!(err.contains(key), "{err:?} should name {key}");
         }
+    }
+
+    #[test]
+    fn a_missing_route_key_is_named_with_its_path() {
+        let err = load("[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:1\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("route[0].protocol"), "{err}");
     }
 
     #[test]
