@@ -58,7 +58,7 @@ pub async fn upstream_starttls<S: AsyncRead + AsyncWrite + Unpin>(
     client_name: &str,
 ) -> Result<Vec<u8>, UpstreamDialogError> {
     let banner = read_greeting(conn).await?;
-    conn.send(format!("EHLO {client_name}\r\n").as_bytes())
+    conn.send(format!("EHLO {}\r\n", ehlo_domain(client_name)).as_bytes())
         .await
         .map_err(DialogError::from)?;
     let ehlo = read_reply(conn).await?;
@@ -84,6 +84,15 @@ pub async fn upstream_starttls<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(UpstreamDialogError::StarttlsRefused(reply.first_line()));
     }
     Ok(banner)
+}
+
+/// RFC 5321 wants a domain or an address literal after EHLO: `[10.0.0.5]`, `[IPv6:fd00::5]`.
+fn ehlo_domain(name: &str) -> String {
+    match name.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => format!("[{ip}]"),
+        Ok(std::net::IpAddr::V6(ip)) => format!("[IPv6:{ip}]"),
+        Err(_) => name.to_string(),
+    }
 }
 
 /// Reads the server's banner: a 220 reply, possibly multi-line.
@@ -185,6 +194,13 @@ mod tests {
             seen.extend_from_slice(&buf[..n]);
         }
         String::from_utf8(seen).unwrap()
+    }
+
+    #[test]
+    fn ehlo_uses_address_literals_for_addresses() {
+        assert_eq!(ehlo_domain("gw.lan"), "gw.lan");
+        assert_eq!(ehlo_domain("10.0.0.5"), "[10.0.0.5]");
+        assert_eq!(ehlo_domain("fd00::5"), "[IPv6:fd00::5]");
     }
 
     #[test]
