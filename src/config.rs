@@ -594,6 +594,18 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_endpoint_cannot_share_a_route_port() {
+        let err = load(
+            "[admin]\nlisten = \"127.0.0.1:2587\"\n[[route]]\nname = \"r\"\n\
+             listen = \"127.0.0.1:2587\"\nprotocol = \"tcp\"\ndevice_tls = \"tls\"\n\
+             upstream = \"h:1\"\nupstream_tls = \"tls\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("route[0].listen"), "{err}");
+    }
+
+    #[test]
     fn a_missing_route_key_is_named_with_its_path() {
         let err = load("[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:1\"\n", &[]).unwrap_err();
         assert!(err.to_string().contains("route[0].protocol"), "{err}");
