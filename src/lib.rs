@@ -13,9 +13,12 @@
 //! - [`relay`]: both directions with half-close, idle timeout and byte counts.
 //! - [`audit`]: the `legacy_client` and `session_closed` events.
 //!
-//! [`session`] strings the phases together; [`server`] owns the shared state and shutdown.
+//! [`session`] strings the phases together (and reads a [`proxy_protocol`] header first where a
+//! route asks for one); [`server`] owns the shared state, reload and shutdown.
 //! Around them: [`config`] (layered TOML), [`certs`] (the local CA), [`tls`] (both TLS ends),
-//! [`protocol`] (SMTP, IMAP and POP3 dialogs, both roles, over any async stream).
+//! [`protocol`] (SMTP, IMAP and POP3 dialogs, both roles, over any async stream), [`admin`]
+//! (the hyper endpoint) with [`metrics`] and [`inventory`], [`signals`], [`logging`], and
+//! [`cli`] (the subcommands other than `run`).
 #![forbid(unsafe_code)]
 
 pub mod admin;
