@@ -349,7 +349,8 @@ impl Route {
         Ok(())
     }
 
-    /// True when the device may send a STARTTLS-style dialog before TLS.
+    /// True when the device expects a server greeting once both legs are up: its leg was
+    /// implicit TLS or plain (after its own STARTTLS it expects none).
     pub fn device_expects_greeting(&self) -> bool {
         self.device_tls != DeviceMode::Starttls
     }
