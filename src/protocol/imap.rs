@@ -107,25 +107,32 @@ pub async fn upstream_starttls<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Vec<u8>, UpstreamDialogError> {
     let greeting = read_greeting(conn, true).await?;
     let (untagged, status) = command(conn, "t1", "CAPABILITY").await?;
-    if !status.starts_with("OK") {
+    if !is_ok(&status) {
         return Err(UpstreamDialogError::Unexpected(format!(
             "CAPABILITY answered {status}"
         )));
     }
+    // Responses are case-insensitive (RFC 9051): `* capability ... starttls` counts too.
     let offers_starttls = untagged.iter().any(|line| {
-        line.strip_prefix("* CAPABILITY ").is_some_and(|caps| {
-            caps.split_whitespace()
-                .any(|c| c.eq_ignore_ascii_case("STARTTLS"))
-        })
+        let mut words = line.split_whitespace().skip(1);
+        words
+            .next()
+            .is_some_and(|w| w.eq_ignore_ascii_case("CAPABILITY"))
+            && words.any(|c| c.eq_ignore_ascii_case("STARTTLS"))
     });
     if !offers_starttls {
         return Err(UpstreamDialogError::NoStarttls);
     }
     let (_, status) = command(conn, "t2", "STARTTLS").await?;
-    if !status.starts_with("OK") {
+    if !is_ok(&status) {
         return Err(UpstreamDialogError::StarttlsRefused(status));
     }
     Ok(greeting)
+}
+
+/// A tagged status of `OK`, in any case.
+fn is_ok(status: &str) -> bool {
+    verb(status).0 == "OK"
 }
 
 /// Sends a tagged command and collects untagged lines until the tagged status (returned
@@ -312,6 +319,21 @@ mod tests {
         .unwrap();
         assert!(greeting.starts_with(b"* OK [CAPABILITY"));
         assert!(leftover.is_empty());
+    }
+
+    #[tokio::test]
+    async fn upstream_capabilities_are_case_insensitive() {
+        let (greeting, _) = upstream(vec![
+            ("", "* OK ready\r\n"),
+            (
+                "t1 CAPABILITY",
+                "* capability imap4rev1 starttls\r\nt1 ok done\r\n",
+            ),
+            ("t2 STARTTLS", "t2 ok go\r\n"),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(greeting, b"* OK ready\r\n");
     }
 
     #[tokio::test]
