@@ -39,6 +39,10 @@ fn invalid(key: impl fmt::Display, reason: impl fmt::Display) -> ConfigError {
 pub struct Config {
     /// Where the inventory and other state live.
     pub state_dir: PathBuf,
+    /// How often the inventory is written to `state_dir` (and always at shutdown): the most a
+    /// crash can lose.
+    #[serde(deserialize_with = "duration")]
+    pub state_save_interval: Duration,
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub device_tls: DeviceTlsConfig,
@@ -272,6 +276,7 @@ impl Config {
             return Err(invalid("device_tls.names", "must name at least one host"));
         }
         for (key, value) in [
+            ("state_save_interval", self.state_save_interval),
             (
                 "device_tls.handshake_timeout",
                 self.device_tls.handshake_timeout,

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
@@ -21,9 +20,6 @@ use crate::inventory::Inventory;
 use crate::listener::{self, Admission, RouteCtx};
 use crate::tls::legacy::LegacyAcceptor;
 use crate::tls::modern::ModernConnector;
-
-/// How often the inventory is written to `state_dir` (and once more at shutdown).
-const SAVE_EVERY: Duration = Duration::from_secs(60);
 
 /// What every session shares.
 pub struct Shared {
@@ -215,7 +211,7 @@ impl Server {
 }
 
 async fn save_periodically(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut every = tokio::time::interval(SAVE_EVERY);
+    let mut every = tokio::time::interval(shared.config.state_save_interval);
     every.tick().await;
     loop {
         tokio::select! {

@@ -81,6 +81,53 @@ fn inventory_entry<'a>(clients: &'a [Value], ip: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {ip} in {clients:#?}"))
 }
 
+/// Killed without warning, the proxy loses at most `state_save_interval` of the inventory.
+#[tokio::test]
+async fn the_inventory_survives_a_crash() {
+    let pki = Pki::new().expect("test PKI");
+    let upstream = normal_upstream(&pki).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut settings = Settings::new(&pki, vec![Route::smtp("smtp", "starttls", upstream.port())]);
+    settings.state_save_interval = "1s".to_string();
+    let mut first = Process::start(dir.path(), &settings)
+        .await
+        .expect("start tlsbridge");
+    let tcp = connect(first.addr("smtp")).await.expect("connect");
+    ops::starttls_mail(tcp, "scanner-mx3070", Legacy::Tls10, &verify(dir.path()))
+        .await
+        .expect("a TLS 1.0 session");
+    let state = dir.path().join("state/inventory.json");
+    let saved = async {
+        loop {
+            let listed: Vec<Value> = std::fs::read(&state)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                .unwrap_or_default();
+            if listed.iter().any(|c| field(c, "ip") == "127.0.0.1") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), saved)
+        .await
+        .expect("the periodic save writes the device within a few intervals");
+    first.signal("KILL").expect("SIGKILL");
+    let status = first.wait_exit(EXIT_LIMIT).await.expect("exit");
+    assert_eq!(status.code(), None, "killed by a signal: {status}");
+
+    let mut second = Process::start(dir.path(), &settings)
+        .await
+        .expect("start tlsbridge again");
+    let clients = ops::clients(second.admin()).await.expect("/clients");
+    let entry = inventory_entry(&clients, "127.0.0.1");
+    assert_eq!(entry["ehlo"], "scanner-mx3070", "{entry:#}");
+    assert_eq!(entry["versions"]["TLSv1"], 1, "{entry:#}");
+    second.signal("TERM").expect("SIGTERM");
+    let status = second.wait_exit(EXIT_LIMIT).await.expect("exit");
+    assert_eq!(status.code(), Some(0), "{}", second.output());
+}
+
 #[tokio::test]
 async fn the_inventory_survives_a_restart() {
     let pki = Pki::new().expect("test PKI");

@@ -108,6 +108,8 @@ pub struct Settings {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub drain_timeout: String,
+    /// `state_save_interval`: how often the inventory is written.
+    pub state_save_interval: String,
     pub extra_roots: Vec<PathBuf>,
     /// `device_tls.names`: the names on the device certificate.
     pub names: Vec<String>,
@@ -138,6 +140,7 @@ impl Settings {
             max_connections: 100,
             max_connections_per_ip: 0,
             drain_timeout: "10s".to_string(),
+            state_save_interval: "1m".to_string(),
             extra_roots: vec![pki.ca_path.clone()],
             names: vec!["localhost".to_string()],
             routes,
@@ -148,6 +151,11 @@ impl Settings {
     pub fn toml(&self, dir: &Path) -> String {
         let mut toml = String::new();
         let _ = writeln!(toml, "state_dir = {}", quoted_path(&dir.join("state")));
+        let _ = writeln!(
+            toml,
+            "state_save_interval = {}",
+            quoted(&self.state_save_interval)
+        );
         let _ = writeln!(toml, "\n[log]\nlevel = {}", quoted(&self.log_level));
         let _ = writeln!(toml, "\n[admin]\nlisten = {}", quoted(&self.admin));
         let _ = writeln!(toml, "\n[device_tls]");
