@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::audit::Sinks;
@@ -78,6 +78,7 @@ pub struct Server {
 impl Server {
     /// Prepares certificates, TLS state and the inventory, and binds every listener.
     pub async fn bind(config: Config) -> Result<Server> {
+        raise_descriptor_limit(config.limits.max_connections);
         let setup = ConfigError::from_anyhow;
         // Refuse an impossible protocol setting before anything is written to disk.
         crate::tls::legacy::check_protocol_settings(&config.device_tls).map_err(setup)?;
@@ -207,6 +208,22 @@ impl Server {
         save(&shared);
         info!("stopped");
         Ok(())
+    }
+}
+
+/// A full house needs two descriptors per session (device and upstream) plus a few: raise the
+/// soft open-file limit that far (within the hard limit), and say so when it cannot be.
+fn raise_descriptor_limit(max_connections: usize) {
+    let wanted = max_connections as u64 * 2 + 64;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) if limit < wanted => warn!(
+            limit,
+            wanted,
+            "the open-file limit is too low for limits.max_connections; raise it (ulimit -n, \
+             LimitNOFILE=) or lower limits.max_connections"
+        ),
+        Ok(limit) => debug!(limit, "open-file limit"),
+        Err(err) => warn!(error = %err, "cannot read or raise the open-file limit"),
     }
 }
 
