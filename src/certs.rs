@@ -2,8 +2,6 @@
 //! when the configured files are missing. User-supplied files are used as they are.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -54,15 +52,15 @@ pub fn ensure(device_tls: &DeviceTlsConfig) -> Result<Provision> {
         (cert, key, false)
     } else {
         let (cert, key) = new_ca_pem()?;
-        write_file(&ca_key_path, key.as_bytes(), 0o600)?;
-        write_file(&ca_cert_path, cert.as_bytes(), 0o644)?;
+        crate::fsutil::write_atomic(&ca_key_path, key.as_bytes(), 0o600)?;
+        crate::fsutil::write_atomic(&ca_cert_path, cert.as_bytes(), 0o644)?;
         (cert, key, true)
     };
     let (leaf, leaf_key) = new_leaf_pem(&device_tls.names, &ca_cert_pem, &ca_key_pem)
         .with_context(|| format!("cannot sign a leaf with the CA {}", ca_cert_path.display()))?;
-    write_file(key, leaf_key.as_bytes(), 0o600)?;
+    crate::fsutil::write_atomic(key, leaf_key.as_bytes(), 0o600)?;
     // The chain file carries the CA too, so devices that want the full chain get it.
-    write_file(cert, format!("{leaf}{ca_cert_pem}").as_bytes(), 0o644)?;
+    crate::fsutil::write_atomic(cert, format!("{leaf}{ca_cert_pem}").as_bytes(), 0o644)?;
     Ok(Provision::Generated { new_ca })
 }
 
@@ -119,28 +117,6 @@ fn new_leaf_pem(names: &[String], ca_cert: &str, ca_key: &str) -> Result<(String
     let key = rsa_key()?;
     let cert = params.signed_by(&key, &issuer)?;
     Ok((cert.pem(), key.serialize_pem()))
-}
-
-/// Writes a file atomically (temp + rename) with the given mode, creating its directory.
-pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = path.with_extension("tmp");
-    let write = || -> std::io::Result<()> {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// A human summary of every certificate in a PEM file, for `tlsbridge certs show`.

@@ -139,7 +139,8 @@ impl Inventory {
     /// Writes the inventory atomically (temp file + rename).
     pub fn save(&self) -> Result<()> {
         let json = serde_json::to_vec_pretty(&self.snapshot())?;
-        crate::certs::write_file(&self.path, &json, 0o644)
+        // 0600: it lists vulnerable devices.
+        crate::fsutil::write_atomic(&self.path, &json, 0o600)
     }
 }
 

@@ -16,7 +16,7 @@ use crate::config::{DeviceMode, Route, Upstream};
 use crate::device::{self, DeviceStream};
 use crate::greeting;
 use crate::listener::{self, RouteCtx};
-use crate::protocol::{self, smtp, DialogError};
+use crate::protocol::{self, DialogError};
 use crate::proxy_protocol;
 use crate::relay::{self, End, Relayed};
 use crate::server::Shared;
@@ -153,7 +153,7 @@ async fn drive(
                 .map_err(|_| device_timeout())?
                 .map_err(|err| {
                     if let HandshakeError::SniRefused(Some(name)) = &err {
-                        record.sni = smtp::printable(name);
+                        record.sni = crate::text::printable(name);
                     }
                     handshake_failure(err)
                 })?;

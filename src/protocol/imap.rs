@@ -152,10 +152,10 @@ async fn command<S: AsyncRead + AsyncWrite + Unpin>(
             .strip_prefix(tag)
             .and_then(|rest| rest.strip_prefix(' '))
         {
-            return Ok((untagged, super::smtp::printable(status)));
+            return Ok((untagged, crate::text::printable(status)));
         }
         if !line.starts_with("* ") {
-            return Err(UpstreamDialogError::Unexpected(super::smtp::printable(
+            return Err(UpstreamDialogError::Unexpected(crate::text::printable(
                 &line,
             )));
         }
@@ -173,7 +173,7 @@ pub async fn read_greeting<S: AsyncRead + AsyncWrite + Unpin>(
     starttls_leg: bool,
 ) -> Result<Vec<u8>, UpstreamDialogError> {
     let raw = conn.read_line().await?;
-    let line = super::smtp::printable(String::from_utf8_lossy(&raw).trim_end());
+    let line = crate::text::printable(String::from_utf8_lossy(&raw).trim_end());
     let (status, _) = verb(line.strip_prefix("* ").unwrap_or(""));
     match &*status {
         "OK" => Ok(raw),

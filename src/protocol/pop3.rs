@@ -61,7 +61,7 @@ pub async fn upstream_starttls<S: AsyncRead + AsyncWrite + Unpin>(
             let reply = conn.read_text().await?;
             if !reply.starts_with("+OK") {
                 return Err(UpstreamDialogError::StarttlsRefused(
-                    super::smtp::printable(&reply),
+                    crate::text::printable(&reply),
                 ));
             }
             return Ok(greeting);
@@ -81,7 +81,7 @@ pub async fn read_greeting<S: AsyncRead + AsyncWrite + Unpin>(
     if raw.starts_with(b"+OK") {
         return Ok(raw);
     }
-    let line = super::smtp::printable(String::from_utf8_lossy(&raw).trim_end());
+    let line = crate::text::printable(String::from_utf8_lossy(&raw).trim_end());
     Err(UpstreamDialogError::Greeting(line))
 }
 

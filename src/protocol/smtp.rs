@@ -3,6 +3,8 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::text::printable;
+
 use super::{
     verb, DialogError, LineConn, StartTls, UpstreamDialogError, MAX_COMMANDS, MAX_REPLY_LINES,
 };
@@ -166,14 +168,6 @@ pub fn client_name(bytes: &[u8]) -> Option<String> {
     let (verb, arg) = verb(line.trim_end());
     let name = printable(arg.split_whitespace().next()?);
     (matches!(verb.as_str(), "EHLO" | "HELO") && !name.is_empty()).then_some(name)
-}
-
-/// Keeps a peer-chosen string safe for logs: printable ASCII only, bounded length.
-pub fn printable(text: &str) -> String {
-    text.chars()
-        .filter(|c| c.is_ascii_graphic() || *c == ' ')
-        .take(120)
-        .collect()
 }
 
 #[cfg(test)]
