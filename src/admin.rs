@@ -87,7 +87,7 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             sinks.metrics.set_legacy_clients(sinks.inventory.len());
             reply(
                 StatusCode::OK,
-                "text/plain; version=0.0.4",
+                crate::metrics::CONTENT_TYPE,
                 sinks.metrics.render(),
             )
         }

@@ -5,19 +5,22 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{info, warn, Span};
 
 use crate::config::{Protocol, Route};
 use crate::inventory::{Inventory, Sighting};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::outcome::{Leg, Outcome, Refusal};
 use crate::tls::legacy::DeviceTls;
-use crate::upstream::UpstreamLeg;
+use crate::tls::modern::UpstreamTls;
 
 /// The tracing target of audit events, for filters such as `RUST_LOG=tlsbridge::audit=info`.
 pub const TARGET: &str = "tlsbridge::audit";
+
+/// Refused connections logged one by one per second; the rest are counted and summarised.
+const REFUSALS_LOGGED_PER_SECOND: u64 = 10;
 
 /// Where audit facts go besides the log.
 pub struct Sinks {
@@ -31,21 +34,28 @@ impl Sinks {
         Sinks {
             metrics: Metrics::default(),
             inventory,
-            refusals: RateLimit::new(10),
+            refusals: RateLimit::new(REFUSALS_LOGGED_PER_SECOND),
         }
     }
 
     /// A connection refused before any dialog: counted always, logged at a bounded rate so a
     /// flood cannot flood the log too.
-    pub fn refused(&self, route: &Route, peer: SocketAddr, outcome: &str, why: &str) {
-        self.metrics.refused(&route.name, outcome);
+    pub fn refused(
+        &self,
+        route: &Route,
+        metrics: &RouteMetrics,
+        peer: SocketAddr,
+        refusal: Refusal,
+        why: &str,
+    ) {
+        metrics.refused(refusal.label());
         match self.refusals.allow() {
             Allowed::Yes { suppressed } => {
                 if suppressed > 0 {
                     warn!(target: TARGET, suppressed, "refused connections not logged one by one in the last second");
                 }
-                let record = SessionRecord::unopened(route, peer);
-                record.log_closed(0, 0, outcome, Some(why));
+                let record = SessionRecord::unopened(route, peer, metrics, self);
+                record.log_closed(0, 0, Outcome::Refused(refusal), why);
             }
             Allowed::No => {}
         }
@@ -53,8 +63,8 @@ impl Sinks {
 }
 
 /// What is known about one connection, filled in phase by phase.
-pub struct SessionRecord {
-    pub route: String,
+pub struct SessionRecord<'a> {
+    pub route: &'a str,
     pub peer: SocketAddr,
     pub protocol: Protocol,
     pub upstream: String,
@@ -62,28 +72,41 @@ pub struct SessionRecord {
     pub device_tls: &'static str,
     pub cipher: String,
     pub sni: String,
-    /// The SMTP EHLO/HELO name the device sent before STARTTLS.
+    /// The SMTP EHLO/HELO name the device sent.
     pub client_name: Option<String>,
     pub upstream_tls: &'static str,
     pub upstream_cipher: String,
     pub downgraded: bool,
     started: Instant,
-    sinks: Option<Arc<Sinks>>,
+    metrics: &'a RouteMetrics,
+    sinks: &'a Sinks,
+    /// Counted as active until `closed`.
+    opened: bool,
 }
 
-impl SessionRecord {
+impl<'a> SessionRecord<'a> {
     /// Starts the record of an admitted connection (counted as active until `closed`).
-    pub fn open(route: &Route, peer: SocketAddr, sinks: Arc<Sinks>) -> SessionRecord {
-        sinks.metrics.opened(&route.name);
+    pub fn open(
+        route: &'a Route,
+        peer: SocketAddr,
+        metrics: &'a RouteMetrics,
+        sinks: &'a Sinks,
+    ) -> SessionRecord<'a> {
+        metrics.opened();
         SessionRecord {
-            sinks: Some(sinks),
-            ..SessionRecord::unopened(route, peer)
+            opened: true,
+            ..SessionRecord::unopened(route, peer, metrics, sinks)
         }
     }
 
-    fn unopened(route: &Route, peer: SocketAddr) -> SessionRecord {
+    fn unopened(
+        route: &'a Route,
+        peer: SocketAddr,
+        metrics: &'a RouteMetrics,
+        sinks: &'a Sinks,
+    ) -> SessionRecord<'a> {
         SessionRecord {
-            route: route.name.clone(),
+            route: &route.name,
             peer,
             protocol: route.protocol,
             upstream: route.upstream.to_string(),
@@ -95,7 +118,9 @@ impl SessionRecord {
             upstream_cipher: String::new(),
             downgraded: false,
             started: Instant::now(),
-            sinks: None,
+            metrics,
+            sinks,
+            opened: false,
         }
     }
 
@@ -106,8 +131,13 @@ impl SessionRecord {
             Some(tls) => {
                 self.device_tls = tls.version;
                 self.cipher = tls.cipher.clone();
-                self.sni = tls.sni.clone().unwrap_or_default();
+                self.sni = tls
+                    .sni
+                    .as_deref()
+                    .map(crate::text::printable)
+                    .unwrap_or_default();
                 self.downgraded = tls.downgraded();
+                self.metrics.handshake_took(Leg::Device, tls.handshake);
             }
             None => {
                 self.device_tls = "plain";
@@ -117,84 +147,65 @@ impl SessionRecord {
         let span = Span::current();
         span.record("device_tls", self.device_tls);
         span.record("cipher", self.cipher.as_str());
-        if let Some(sinks) = &self.sinks {
-            sinks.metrics.connection(&self.route, self.device_tls);
-            if let Some(tls) = tls {
-                sinks
-                    .metrics
-                    .handshake_took(&self.route, "device", tls.handshake);
-            }
-            if self.downgraded {
-                sinks.inventory.record(&Sighting {
-                    ip: self.peer.ip(),
-                    route: &self.route,
-                    version: self.device_tls,
-                    cipher: &self.cipher,
-                    sni: &self.sni,
-                    ehlo: self.client_name.as_deref(),
-                });
-            }
+        self.metrics.connection(self.device_tls);
+        if !self.downgraded {
+            return;
         }
-        if self.downgraded {
-            info!(
-                target: TARGET,
-                event = "legacy_client",
-                route = %self.route,
-                peer = %self.peer,
-                device_tls = self.device_tls,
-                cipher = %self.cipher,
-                sni = %self.sni,
-                protocol = %self.protocol,
-                upstream = %self.upstream,
-                client_name = self.client_name.as_deref().unwrap_or(""),
-                "legacy_client"
-            );
-        }
+        self.sinks.inventory.record(&Sighting {
+            ip: self.peer.ip(),
+            route: self.route,
+            version: self.device_tls,
+            cipher: &self.cipher,
+            sni: &self.sni,
+            ehlo: self.client_name.as_deref(),
+        });
+        info!(
+            target: TARGET,
+            event = "legacy_client",
+            route = %self.route,
+            peer = %self.peer,
+            device_tls = self.device_tls,
+            cipher = %self.cipher,
+            sni = %self.sni,
+            protocol = %self.protocol,
+            upstream = %self.upstream,
+            client_name = self.client_name.as_deref().unwrap_or(""),
+            "legacy_client"
+        );
     }
 
     /// A device on implicit TLS or plaintext says EHLO inside the relay: its name (which
     /// usually names the model) still belongs in the inventory.
-    pub fn first_device_command(&mut self, head: &[u8]) {
-        if self.protocol != Protocol::Smtp || self.client_name.is_some() || !self.downgraded {
+    pub fn learned_client_name(&mut self, name: String) {
+        if self.client_name.is_some() {
             return;
         }
-        let Some(name) = crate::protocol::smtp::client_name(head) else {
-            return;
-        };
-        if let Some(sinks) = &self.sinks {
-            sinks.inventory.set_ehlo(self.peer.ip(), &name);
+        if self.downgraded {
+            self.sinks.inventory.set_ehlo(self.peer.ip(), &name);
         }
         self.client_name = Some(name);
     }
 
-    pub fn upstream_established(&mut self, leg: &UpstreamLeg) {
-        self.upstream_tls = leg.tls_version;
-        self.upstream_cipher = leg.cipher.clone();
+    pub fn upstream_established(&mut self, tls: &UpstreamTls) {
+        self.upstream_tls = tls.version;
+        self.upstream_cipher = tls.cipher.to_string();
         Span::current().record("upstream_tls", self.upstream_tls);
-        if let Some(sinks) = &self.sinks {
-            sinks
-                .metrics
-                .handshake_took(&self.route, "upstream", leg.handshake);
-        }
+        self.metrics.handshake_took(Leg::Upstream, tls.handshake);
     }
 
-    /// A leg that failed to come up, for `tlsbridge_handshake_failures_total`.
-    pub fn leg_failed(&self, leg: &str, reason: &str) {
-        if let Some(sinks) = &self.sinks {
-            sinks.metrics.handshake_failed(&self.route, leg, reason);
+    /// Ends the record: counts a leg that failed to come up, logs `session_closed`; `detail`
+    /// carries the full cause when the outcome is not `ok`.
+    pub fn closed(self, bytes_up: u64, bytes_down: u64, outcome: Outcome, detail: &str) {
+        if let Some((leg, reason)) = outcome.failed_leg() {
+            self.metrics.handshake_failed(leg, reason);
         }
+        if self.opened {
+            self.metrics.closed(bytes_up, bytes_down);
+        }
+        self.log_closed(bytes_up, bytes_down, outcome, detail);
     }
 
-    /// Ends the record: logs `session_closed`; `error` carries the full cause when the outcome
-    /// is not `ok`.
-    pub fn closed(self, bytes_up: u64, bytes_down: u64, outcome: &str, error: Option<&str>) {
-        if let Some(sinks) = &self.sinks {
-            sinks.metrics.closed(&self.route, bytes_up, bytes_down);
-        }
-        self.log_closed(bytes_up, bytes_down, outcome, error);
-    }
-
-    fn log_closed(&self, bytes_up: u64, bytes_down: u64, outcome: &str, error: Option<&str>) {
+    fn log_closed(&self, bytes_up: u64, bytes_down: u64, outcome: Outcome, detail: &str) {
         info!(
             target: TARGET,
             event = "session_closed",
@@ -210,8 +221,8 @@ impl SessionRecord {
             bytes_up,
             bytes_down,
             duration_ms = self.started.elapsed().as_millis() as u64,
-            outcome,
-            error = error.unwrap_or(""),
+            outcome = outcome.label(),
+            error = detail,
             "session_closed"
         );
     }

@@ -60,7 +60,7 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
@@ -135,7 +135,7 @@ pub enum ModernVersion {
 }
 
 /// The application protocol a route speaks; it decides the dialog before STARTTLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Smtp,
@@ -352,12 +352,6 @@ impl Route {
             ));
         }
         Ok(())
-    }
-
-    /// True when the device expects a server greeting once both legs are up: its leg was
-    /// implicit TLS or plain (after its own STARTTLS it expects none).
-    pub fn device_expects_greeting(&self) -> bool {
-        self.device_tls != DeviceMode::Starttls
     }
 }
 

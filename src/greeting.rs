@@ -3,33 +3,108 @@
 //! The device expects one when its leg was implicit TLS or plain (after STARTTLS it does not).
 //! The upstream leg has already been read up to its greeting: before STARTTLS, or first thing
 //! after implicit TLS. So the device gets that greeting when it expects one, and otherwise it is
-//! dropped; from here on bytes flow untouched.
+//! dropped; bytes the upstream sent after an implicit-TLS greeting always go through. From here
+//! on bytes flow untouched.
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::config::{Route, UpstreamMode};
-use crate::protocol;
-use crate::upstream::UpstreamLeg;
+use crate::config::{DeviceMode, UpstreamMode};
+use crate::protocol::{self, Dialect};
 
-/// Writes what the device must see before the relay starts; returns the bytes written.
-pub async fn reconcile<D: AsyncWrite + Unpin>(
-    route: &Route,
-    device: &mut D,
-    upstream: &UpstreamLeg,
-) -> std::io::Result<u64> {
+/// How the two legs of a route started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Legs {
+    pub dialect: Option<Dialect>,
+    pub device: DeviceMode,
+    pub upstream: UpstreamMode,
+}
+
+impl Legs {
+    /// True when the device expects a server greeting once both legs are up.
+    pub fn device_expects_greeting(self) -> bool {
+        self.device != DeviceMode::Starttls
+    }
+}
+
+/// What the device must see before the relay starts, from the upstream's greeting and the
+/// bytes that followed it inside TLS.
+pub fn for_device(legs: Legs, upstream_greeting: &[u8], leftover: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    if route.device_expects_greeting() {
-        out = match route.upstream_tls {
-            UpstreamMode::Starttls => {
-                protocol::greeting_for_device(route.protocol, &upstream.greeting)
+    if legs.device_expects_greeting() {
+        out = match (legs.upstream, legs.dialect) {
+            (UpstreamMode::Starttls, Some(dialect)) => {
+                protocol::greeting_for_device(dialect, upstream_greeting)
             }
-            UpstreamMode::Tls => upstream.greeting.clone(),
+            _ => upstream_greeting.to_vec(),
         };
     }
-    out.extend_from_slice(&upstream.leftover);
-    if !out.is_empty() {
-        device.write_all(&out).await?;
+    out.extend_from_slice(leftover);
+    out
+}
+
+/// Writes `bytes` to the device; returns how many were written.
+pub async fn send<D: AsyncWrite + Unpin>(device: &mut D, bytes: &[u8]) -> std::io::Result<u64> {
+    if !bytes.is_empty() {
+        device.write_all(bytes).await?;
         device.flush().await?;
     }
-    Ok(out.len() as u64)
+    Ok(bytes.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{duplex, AsyncReadExt};
+
+    fn legs(device: DeviceMode, upstream: UpstreamMode) -> Legs {
+        Legs {
+            dialect: Some(Dialect::Imap),
+            device,
+            upstream,
+        }
+    }
+
+    /// The legs, the upstream's greeting, the bytes after it, and what the device must get.
+    type Case<'a> = (Legs, &'a [u8], &'a [u8], &'a [u8]);
+
+    #[tokio::test]
+    async fn each_combination_gets_the_right_greeting_over_a_stream() {
+        let pre_tls = b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n";
+        let cases: [Case; 4] = [
+            (
+                legs(DeviceMode::Tls, UpstreamMode::Tls),
+                b"* OK ready\r\n",
+                b"* 1 EXISTS\r\n",
+                b"* OK ready\r\n* 1 EXISTS\r\n",
+            ),
+            (
+                legs(DeviceMode::Tls, UpstreamMode::Starttls),
+                pre_tls,
+                b"",
+                b"* OK ready\r\n",
+            ),
+            (
+                legs(DeviceMode::Starttls, UpstreamMode::Tls),
+                b"* OK ready\r\n",
+                b"",
+                b"",
+            ),
+            (
+                legs(DeviceMode::Plain, UpstreamMode::Tls),
+                b"* OK ready\r\n",
+                b"",
+                b"* OK ready\r\n",
+            ),
+        ];
+        for (legs, greeting, leftover, expected) in cases {
+            let (mut ours, mut device) = duplex(1024);
+            let bytes = for_device(legs, greeting, leftover);
+            let sent = send(&mut ours, &bytes).await.unwrap();
+            drop(ours);
+            let mut got = Vec::new();
+            device.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, expected, "{legs:?}");
+            assert_eq!(sent, expected.len() as u64);
+        }
+    }
 }

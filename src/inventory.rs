@@ -148,42 +148,6 @@ fn now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
-/// The inventory as a table for `tlsbridge inventory`.
-pub fn table(clients: &[Client]) -> String {
-    let join = |m: &BTreeMap<String, u64>| {
-        m.iter()
-            .map(|(k, v)| format!("{k}({v})"))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let rows: Vec<[String; 8]> = clients
-        .iter()
-        .map(|c| {
-            [
-                c.ip.to_string(),
-                c.last_seen.clone(),
-                c.connections.to_string(),
-                join(&c.versions),
-                join(&c.ciphers),
-                c.routes.iter().cloned().collect::<Vec<_>>().join(","),
-                c.ehlo.clone(),
-                c.last_sni.clone(),
-            ]
-        })
-        .collect();
-    let header = [
-        "DEVICE",
-        "LAST_SEEN",
-        "CONNECTIONS",
-        "TLS",
-        "CIPHERS",
-        "ROUTES",
-        "EHLO",
-        "SNI",
-    ];
-    crate::cli::check::table(&header, &rows)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,7 +186,6 @@ mod tests {
         assert_eq!(seven.versions.get("TLSv1"), Some(&1));
         assert_eq!(seven.ciphers.get("AES128-SHA"), Some(&2));
         assert_eq!(seven.ehlo, "MX-3070");
-        assert!(table(&again.snapshot()).contains("MX-3070"));
     }
 
     #[test]

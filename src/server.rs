@@ -1,5 +1,5 @@
-//! The running proxy: shared TLS state, one listener per route, the admin endpoint, the
-//! inventory's persistence, reload and graceful shutdown.
+//! The running proxy: sets up the shared state, binds one listener per route and the admin
+//! endpoint, persists the inventory, and shuts down gracefully.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,58 +15,13 @@ use tracing::{debug, error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::audit::Sinks;
 use crate::certs::{self, Provision};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, LogFormat};
+use crate::context::{RouteCtx, Shared};
 use crate::inventory::Inventory;
-use crate::listener::{self, Admission, RouteCtx};
+use crate::limits::Admission;
+use crate::listener;
 use crate::tls::legacy::LegacyAcceptor;
 use crate::tls::modern::ModernConnector;
-
-/// What every session shares.
-pub struct Shared {
-    pub config: Config,
-    pub acceptor: LegacyAcceptor,
-    pub connector: Arc<ModernConnector>,
-    pub admission: Admission,
-    pub sinks: Arc<Sinks>,
-    /// Every session task, so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    /// Cancelled when the drain time is over: open relays stop.
-    pub cancel: CancellationToken,
-}
-
-impl Shared {
-    /// The name tlsbridge gives itself in banners and in EHLO: the first `device_tls.names`.
-    pub fn server_name(&self) -> &str {
-        self.config
-            .device_tls
-            .names
-            .first()
-            .map(String::as_str)
-            .unwrap_or("localhost")
-    }
-
-    /// Re-reads the device certificate and key and the upstream `extra_roots`. New connections
-    /// use the new files; open sessions keep what they have. A bad file keeps the old state.
-    pub fn reload(&self) {
-        match self.acceptor.reload(&self.config.device_tls) {
-            Ok(()) => {
-                info!(cert = %self.config.device_tls.cert.display(), "reloaded the device certificate")
-            }
-            Err(err) => {
-                error!(error = %format!("{err:#}"), "reload failed; keeping the previous device certificate")
-            }
-        }
-        match self.connector.reload(&self.config.upstream_tls) {
-            Ok(()) => info!(
-                extra_roots = self.config.upstream_tls.extra_roots.len(),
-                "reloaded the upstream roots"
-            ),
-            Err(err) => {
-                error!(error = %format!("{err:#}"), "reload failed; keeping the previous upstream roots")
-            }
-        }
-    }
-}
 
 /// A proxy whose listeners are bound, ready to `run`.
 pub struct Server {
@@ -95,12 +50,13 @@ impl Server {
         let connector = Arc::new(ModernConnector::new(&config.upstream_tls).map_err(setup)?);
         let inventory = Inventory::load(&config.state_dir, config.limits.max_inventory_clients)
             .map_err(setup)?;
+        let sinks = Arc::new(Sinks::new(inventory));
         let mut listeners = Vec::new();
         for route in &config.routes {
             let listener = TcpListener::bind(route.listen).await.with_context(|| {
                 format!("route {}: cannot listen on {}", route.name, route.listen)
             })?;
-            listeners.push((Arc::new(RouteCtx::new(route.clone())), listener));
+            listeners.push((Arc::new(RouteCtx::new(route.clone(), &sinks)), listener));
         }
         let admin = match config.admin.listen {
             Some(addr) => Some(
@@ -116,7 +72,7 @@ impl Server {
             acceptor,
             connector,
             admission,
-            sinks: Arc::new(Sinks::new(inventory)),
+            sinks,
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
             config,
@@ -209,6 +165,19 @@ impl Server {
         info!("stopped");
         Ok(())
     }
+}
+
+/// `tlsbridge run`: logging, a runtime, the server, and the signals that reload and stop it.
+pub fn run_until_signalled(config: Config, log_format: Option<LogFormat>) -> Result<()> {
+    crate::logging::init(&config.log.level, log_format.unwrap_or(config.log.format))
+        .map_err(ConfigError::from_anyhow)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let shutdown = crate::signals::shutdown();
+        let server = Server::bind(config).await?;
+        crate::signals::reload_on_hangup(server.shared());
+        server.run(shutdown).await
+    })
 }
 
 /// A full house needs two descriptors per session (device and upstream) plus a few: raise the

@@ -8,56 +8,23 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::{timeout_at, Instant};
-use tracing::{debug, field, warn, Span};
+use tokio::time::Instant;
+use tracing::{debug, field, Span};
 
 use crate::audit::SessionRecord;
-use crate::config::{DeviceMode, Route, Upstream};
-use crate::device::{self, DeviceStream};
-use crate::greeting;
-use crate::listener::{self, RouteCtx};
-use crate::protocol::{self, DialogError};
+use crate::config::{DeviceMode, Upstream, UpstreamMode};
+use crate::context::{RouteCtx, Shared};
+use crate::device::{self, DeviceLeg, DeviceStream};
+use crate::greeting::{self, Legs};
+use crate::listener;
+use crate::outcome::{Failure, Outcome, Refusal, Stall};
+use crate::protocol::{self, smtp, Dialect};
 use crate::proxy_protocol;
 use crate::relay::{self, End, Relayed};
-use crate::server::Shared;
-use crate::tls::legacy::{DeviceTls, HandshakeError};
-use crate::upstream::{PendingUpstream, Target, UpstreamError, UpstreamLeg};
+use crate::upstream::{LazyUpstream, Start, Target, UpstreamLeg};
 
-/// Why a session ended early: a short outcome for logs and metrics, and the full cause.
-#[derive(Debug)]
-struct Failure {
-    outcome: &'static str,
-    detail: String,
-    bytes: (u64, u64),
-    /// The leg that failed to come up and why, for the handshake failure metric.
-    leg: Option<(&'static str, &'static str)>,
-}
-
-impl Failure {
-    fn new(outcome: &'static str, detail: impl ToString) -> Failure {
-        Failure {
-            outcome,
-            detail: detail.to_string(),
-            bytes: (0, 0),
-            leg: None,
-        }
-    }
-
-    fn device(outcome: &'static str, detail: impl ToString) -> Failure {
-        Failure {
-            leg: Some(("device", outcome)),
-            ..Failure::new(outcome, detail)
-        }
-    }
-
-    fn upstream(err: &UpstreamError) -> Failure {
-        let failure = Failure::new(upstream_outcome(err), format!("{err:#}"));
-        Failure {
-            leg: Some(("upstream", err.reason())),
-            ..failure
-        }
-    }
-}
+/// How long a last reply or close towards a device may take: it may have stopped reading.
+const LAST_WORDS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs one session to its end and logs `session_closed`. `_permit` is the session's place
 /// under `limits.max_connections`, held until the end.
@@ -68,7 +35,8 @@ pub async fn run(
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
 ) {
-    let Some(peer) = device_address(&route, &shared, &mut tcp, peer).await else {
+    let deadline = Instant::now() + shared.config.device_tls.handshake_timeout;
+    let Some(peer) = device_address(&route, &shared, &mut tcp, peer, deadline).await else {
         return;
     };
     Span::current().record("peer", field::display(peer));
@@ -76,15 +44,12 @@ pub async fn run(
         listener::refuse_busy(&route, &shared, tcp, peer);
         return;
     };
-    let mut record = SessionRecord::open(&route.route, peer, shared.sinks.clone());
-    match drive(&route, &shared, tcp, &mut record).await {
-        Ok((up, down)) => record.closed(up, down, "ok", None),
+    let mut record = SessionRecord::open(&route.route, peer, &route.metrics, &shared.sinks);
+    match drive(&route, &shared, tcp, deadline, &mut record).await {
+        Ok((up, down)) => record.closed(up, down, Outcome::Ok, ""),
         Err(failure) => {
-            if let Some((leg, reason)) = failure.leg {
-                record.leg_failed(leg, reason);
-            }
             let (up, down) = failure.bytes;
-            record.closed(up, down, failure.outcome, Some(&failure.detail));
+            record.closed(up, down, failure.outcome, &failure.detail);
         }
     }
 }
@@ -96,31 +61,32 @@ async fn device_address(
     shared: &Shared,
     tcp: &mut TcpStream,
     peer: SocketAddr,
+    deadline: Instant,
 ) -> Option<SocketAddr> {
     if !route.route.proxy_protocol {
         return Some(peer);
     }
-    let refuse = |addr, outcome, why: &str| shared.sinks.refused(&route.route, addr, outcome, why);
-    let wait = shared.config.device_tls.handshake_timeout;
-    let real = match tokio::time::timeout(wait, proxy_protocol::read_header(tcp)).await {
+    let refuse = |addr, refusal, why: &str| {
+        shared
+            .sinks
+            .refused(&route.route, &route.metrics, addr, refusal, why)
+    };
+    let header = tokio::time::timeout_at(deadline, proxy_protocol::read_header(tcp)).await;
+    let real = match header {
         Ok(Ok(real)) => real.map_or(peer, |a| SocketAddr::new(a.ip().to_canonical(), a.port())),
         Ok(Err(err)) => {
-            refuse(peer, "proxy_header", &err.to_string());
+            refuse(peer, Refusal::ProxyHeader, &err.to_string());
             return None;
         }
         Err(_) => {
-            refuse(
-                peer,
-                "proxy_header",
-                "no PROXY header within device_tls.handshake_timeout",
-            );
+            refuse(peer, Refusal::ProxyHeader, Stall::ProxyHeader.describe());
             return None;
         }
     };
     if !route.allows(real.ip()) {
         refuse(
             real,
-            "acl_denied",
+            Refusal::AclDenied,
             "device address (from the PROXY header) is not allowed",
         );
         return None;
@@ -132,222 +98,174 @@ async fn drive(
     route: &RouteCtx,
     shared: &Shared,
     tcp: TcpStream,
-    record: &mut SessionRecord,
+    deadline: Instant,
+    record: &mut SessionRecord<'_>,
 ) -> Result<(u64, u64), Failure> {
     let config = &route.route;
-    let mut pending = match &config.upstream {
-        Upstream::Fixed { host, port } => Some(start_upstream(shared, route, host, *port)),
+    let dialect = Dialect::of(config.protocol);
+    let target = match &config.upstream {
+        Upstream::Fixed { host, port } => Some(target(shared, route, host, *port)),
         Upstream::Sni { .. } => None,
     };
-    let deadline = Instant::now() + shared.config.device_tls.handshake_timeout;
-    let (mut device, tls, ready) = match config.device_tls {
-        DeviceMode::Starttls => {
-            let (device, tls, leg) =
-                starttls_device(route, shared, tcp, pending.as_mut(), record, deadline).await?;
-            (device, Some(tls), Some(leg))
+    let mut upstream = LazyUpstream::new(target, shared.connector.clone());
+    upstream.start();
+    let (mut device, ready) = match (config.device_tls, dialect) {
+        (DeviceMode::Starttls, Some(dialect)) => {
+            let (device, leg) =
+                device::starttls(dialect, shared, tcp, deadline, &mut upstream, record).await?;
+            (device, Some(leg))
         }
-        DeviceMode::Tls => {
-            let handshake = device::handshake(&shared.acceptor, tcp, route.sni_allow.clone());
-            let (device, tls) = timeout_at(deadline, handshake)
-                .await
-                .map_err(|_| device_timeout())?
-                .map_err(|err| {
-                    if let HandshakeError::SniRefused(Some(name)) = &err {
-                        record.sni = crate::text::printable(name);
-                    }
-                    handshake_failure(err)
-                })?;
-            (device, Some(tls), None)
+        (DeviceMode::Starttls, None) => {
+            // Config validation refuses STARTTLS on tcp routes; never reached.
+            return Err(Failure::new(
+                Outcome::Upstream(crate::outcome::UpstreamFailure::Internal),
+                "a tcp route cannot do STARTTLS",
+            ));
         }
-        DeviceMode::Plain => (DeviceStream::Plain(tcp), None, None),
+        (DeviceMode::Tls, _) => {
+            let sni_allow = route.sni_allow.clone();
+            let acceptor = &shared.acceptor;
+            (
+                device::implicit_tls(acceptor, tcp, sni_allow, deadline, record).await?,
+                None,
+            )
+        }
+        (DeviceMode::Plain, _) => (device::plain(tcp), None),
     };
-    record.device_established(tls.as_ref());
+    record.device_established(device.tls.as_ref());
     let leg = match ready {
-        Some(leg) => Ok(leg),
-        None => {
-            // SNI routing: only now is the upstream host known.
-            let port = match config.upstream {
-                Upstream::Fixed { port, .. } | Upstream::Sni { port } => port,
-            };
-            let sni = tls.as_ref().and_then(|t| t.sni.clone()).unwrap_or_default();
-            pending
-                .get_or_insert_with(|| start_upstream(shared, route, &sni, port))
-                .wait()
-                .await
-        }
+        Some(leg) => leg,
+        None => upstream_for(route, shared, &mut upstream, &mut device, dialect).await?,
     };
-    let mut leg = match leg {
-        Ok(leg) => leg,
-        Err(err) => {
-            if let Some(reply) = protocol::failure_reply(config.protocol, err.reason()) {
-                let _ = bounded(device.write_all(&reply)).await;
-            }
-            let _ = bounded(device.shutdown()).await;
-            return Err(Failure::upstream(&err));
-        }
-    };
-    record.upstream_established(&leg);
-    greeting::reconcile(config, &mut device, &leg)
-        .await
-        .map_err(|err| Failure::new("device_closed", err))?;
-    let idle = shared.config.limits.idle_timeout;
-    let relayed = relay::run(&mut device, &mut leg.stream, idle, &shared.cancel).await;
-    record.first_device_command(&relayed.up.head);
-    relay_outcome(relayed, config, &mut device, &leg).await
+    record.upstream_established(&leg.tls);
+    relay_session(route, shared, dialect, device.stream, leg, record).await
 }
 
-/// The device side of a STARTTLS route: the dialog, then, once the upstream leg stands, the
-/// answer to STARTTLS and the handshake. A failed upstream gets the protocol's "TLS not
-/// available" reply in plaintext, and the session ends there.
-async fn starttls_device(
+/// Waits for the upstream leg of a device on implicit TLS or plaintext (aiming it at the SNI
+/// first on an SNI route). A failure gives the device its protocol's transient error.
+async fn upstream_for(
     route: &RouteCtx,
     shared: &Shared,
-    tcp: TcpStream,
-    pending: Option<&mut PendingUpstream>,
-    record: &mut SessionRecord,
-    deadline: Instant,
-) -> Result<(DeviceStream, DeviceTls, UpstreamLeg), Failure> {
-    let protocol = route.route.protocol;
-    let dialog = device::dialog(protocol, tcp, shared.server_name());
-    let (mut conn, start) = timeout_at(deadline, dialog)
-        .await
-        .map_err(|_| device_timeout())?
-        .map_err(dialog_failure)?;
-    record.client_name = start.client_name.clone();
-    let leg = match pending {
-        Some(pending) => pending.wait().await,
-        None => Err(UpstreamError::Internal),
-    };
-    let leg = match leg {
-        Ok(leg) => leg,
-        Err(err) => {
-            let refusal = protocol::starttls_refused(protocol, &start, err.reason());
-            let _ = bounded(conn.send(&refusal)).await;
-            return Err(Failure::upstream(&err));
-        }
-    };
-    conn.send(&protocol::starttls_accepted(protocol, &start))
-        .await
-        .map_err(|err| Failure::new("device_closed", err))?;
-    let (tcp, pipelined) = conn.into_parts();
-    if !pipelined.is_empty() {
-        warn!(
-            bytes = pipelined.len(),
-            "discarded bytes the device sent after STARTTLS (injection attempt?)"
-        );
+    upstream: &mut LazyUpstream,
+    device: &mut DeviceLeg,
+    dialect: Option<Dialect>,
+) -> Result<UpstreamLeg, Failure> {
+    if let Upstream::Sni { port } = route.route.upstream {
+        let sni = device
+            .tls
+            .as_ref()
+            .and_then(|t| t.sni.clone())
+            .unwrap_or_default();
+        upstream.aim(target(shared, route, &sni, port));
     }
-    let (device, tls) = timeout_at(deadline, device::handshake(&shared.acceptor, tcp, None))
+    match upstream.wait().await {
+        Ok(leg) => Ok(leg),
+        Err(err) => {
+            let failure = err.failure();
+            if let (Some(dialect), Outcome::Upstream(cause)) = (dialect, failure.outcome) {
+                let reply = protocol::unavailable(dialect, cause.reason());
+                let _ = last_words(device.stream.write_all(&reply)).await;
+            }
+            let _ = last_words(device.stream.shutdown()).await;
+            Err(failure)
+        }
+    }
+}
+
+/// The greeting, the relay, and the way it ended.
+async fn relay_session(
+    route: &RouteCtx,
+    shared: &Shared,
+    dialect: Option<Dialect>,
+    mut device: DeviceStream,
+    mut leg: UpstreamLeg,
+    record: &mut SessionRecord<'_>,
+) -> Result<(u64, u64), Failure> {
+    let legs = Legs {
+        dialect,
+        device: route.route.device_tls,
+        upstream: route.route.upstream_tls,
+    };
+    let greeting = greeting::for_device(legs, &leg.greeting, &leg.leftover);
+    greeting::send(&mut device, &greeting)
         .await
-        .map_err(|_| device_timeout())?
-        .map_err(handshake_failure)?;
-    Ok((device, tls, leg))
+        .map_err(|err| Failure::new(Outcome::DeviceClosed, err))?;
+    let idle = shared.config.limits.idle_timeout;
+    let relayed = relay::run(&mut device, &mut leg.stream, idle, &shared.cancel).await;
+    if dialect == Some(Dialect::Smtp) {
+        if let Some(name) = smtp::client_name(&relayed.up.head) {
+            record.learned_client_name(name);
+        }
+    }
+    relay_outcome(relayed, dialect, &mut device, &leg).await
 }
 
 /// Carries the way the relay ended to the session's outcome, and to the other leg.
 async fn relay_outcome(
     relayed: Relayed,
-    config: &Route,
+    dialect: Option<Dialect>,
     device: &mut DeviceStream,
     leg: &UpstreamLeg,
 ) -> Result<(u64, u64), Failure> {
     let bytes = (relayed.up.bytes, relayed.down.bytes);
+    let goodbye = |up: &[u8], down: &[u8]| {
+        dialect.is_some_and(|dialect| protocol::said_goodbye(dialect, up, down))
+    };
     let failure = match relayed.end {
         End::Clean => return Ok(bytes),
         End::Upstream(err)
             if err.kind() == std::io::ErrorKind::UnexpectedEof
-                && protocol::said_goodbye(
-                    config.protocol,
-                    &relayed.up.tail,
-                    &relayed.down.tail,
-                ) =>
+                && goodbye(&relayed.up.tail, &relayed.down.tail) =>
         {
             // A bare FIN after the protocol's own goodbye is a complete session.
-            let _ = bounded(device.shutdown()).await;
+            let _ = last_words(device.shutdown()).await;
             return Ok(bytes);
         }
         End::Upstream(err) => {
             // Not a clean end: reset the device leg rather than send close_notify, so the device
             // can tell a truncated reply from a complete one.
-            let _ = device.tcp().set_zero_linger();
+            let _ = device::tcp(device).set_zero_linger();
             Failure::new(
-                "upstream_aborted",
+                Outcome::UpstreamAborted,
                 format!("upstream leg ended abnormally: {err}"),
             )
         }
         End::Device(err) => {
             let _ = leg.stream.get_ref().0.set_zero_linger();
             Failure::new(
-                "device_aborted",
+                Outcome::DeviceAborted,
                 format!("device leg ended abnormally: {err}"),
             )
         }
         End::Idle => {
-            let _ = bounded(device.shutdown()).await;
-            Failure::new("idle_timeout", "no data either way for limits.idle_timeout")
+            let _ = last_words(device.shutdown()).await;
+            Failure::new(
+                Outcome::IdleTimeout,
+                "no data either way for limits.idle_timeout",
+            )
         }
-        End::Cancelled => Failure::new("shutdown", "closed at the end of the drain time"),
+        End::Cancelled => Failure::new(Outcome::Shutdown, "closed at the end of the drain time"),
     };
     Err(Failure { bytes, ..failure })
 }
 
 /// A last write or close towards a peer that may have stopped reading: never wait long.
-async fn bounded<T>(io: impl std::future::Future<Output = T>) -> Option<T> {
-    tokio::time::timeout(Duration::from_secs(5), io).await.ok()
+async fn last_words<T>(io: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(LAST_WORDS_TIMEOUT, io).await.ok()
 }
 
-fn device_timeout() -> Failure {
-    Failure::device(
-        "device_timeout",
-        "device dialog and handshake exceeded device_tls.handshake_timeout",
-    )
-}
-
-fn start_upstream(shared: &Shared, route: &RouteCtx, host: &str, port: u16) -> PendingUpstream {
-    let target = Target {
-        host: host.to_string(),
-        port,
-        protocol: route.route.protocol,
-        mode: route.route.upstream_tls,
-        client_name: shared.server_name().to_string(),
-        timeout: shared.config.upstream_tls.connect_timeout,
+fn target(shared: &Shared, route: &RouteCtx, host: &str, port: u16) -> Target {
+    let dialect = Dialect::of(route.route.protocol);
+    let start = match (route.route.upstream_tls, dialect) {
+        (UpstreamMode::Starttls, Some(dialect)) => Start::Starttls(dialect),
+        _ => Start::Tls(dialect),
     };
     debug!(upstream = %format!("{host}:{port}"), "starting upstream leg");
-    PendingUpstream::start(target, shared.connector.clone())
-}
-
-fn upstream_outcome(err: &UpstreamError) -> &'static str {
-    match err.reason() {
-        "dns" => "upstream_dns",
-        "connection_refused" => "upstream_refused",
-        "connect_failed" => "upstream_connect_failed",
-        "timeout" => "upstream_timeout",
-        "certificate_invalid" => "upstream_certificate_invalid",
-        "protocol_version" => "upstream_protocol_version",
-        "no_starttls" => "upstream_no_starttls",
-        "starttls_refused" => "upstream_starttls_refused",
-        "starttls_injection" => "upstream_starttls_injection",
-        "greeting_refused" => "upstream_greeting_refused",
-        "dialog_failed" => "upstream_dialog_failed",
-        _ => "upstream_tls_failed",
+    Target {
+        host: host.to_string(),
+        port,
+        start,
+        client_name: shared.server_name().to_string(),
+        timeout: shared.config.upstream_tls.connect_timeout,
     }
-}
-
-fn dialog_failure(err: DialogError) -> Failure {
-    let outcome = match err {
-        // A device that says goodbye before STARTTLS ended normally: no error to report.
-        DialogError::Quit => return Failure::new("device_quit", ""),
-        DialogError::Closed | DialogError::Io(_) => "device_closed",
-        DialogError::LineTooLong | DialogError::TooManyCommands | DialogError::Protocol(_) => {
-            "device_protocol_error"
-        }
-    };
-    Failure::new(outcome, err)
-}
-
-fn handshake_failure(err: HandshakeError) -> Failure {
-    let outcome = match err {
-        HandshakeError::SniRefused(_) => "sni_refused",
-        HandshakeError::Failed(_) => "device_handshake_failed",
-    };
-    Failure::device(outcome, err)
 }

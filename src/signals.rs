@@ -34,7 +34,7 @@ pub fn shutdown() -> impl std::future::Future<Output = ()> {
 }
 
 /// Reloads the device certificate and the upstream roots at every SIGHUP.
-pub fn reload_on_hangup(shared: Arc<crate::server::Shared>) {
+pub fn reload_on_hangup(shared: Arc<crate::context::Shared>) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         error!("cannot install the SIGHUP handler; reload needs a restart");
         return;

@@ -1,5 +1,5 @@
 //! The upstream leg: DNS, TCP, the upstream's STARTTLS dialog (client role) and the rustls
-//! handshake. Started at accept time in its own task, in parallel with the device leg.
+//! handshake, in its own task, in parallel with the device leg.
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,9 +10,9 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 
-use crate::config::{Protocol, UpstreamMode};
-use crate::protocol::{self, LineConn, UpstreamDialogError};
-use crate::tls::modern::{self, ModernConnector};
+use crate::outcome::{Failure, Outcome, UpstreamFailure};
+use crate::protocol::{self, Dialect, LineConn, UpstreamDialogError};
+use crate::tls::modern::{self, ModernConnector, UpstreamTls};
 
 /// An established upstream leg, ready for the greeting phase and the relay.
 pub struct UpstreamLeg {
@@ -22,10 +22,7 @@ pub struct UpstreamLeg {
     /// Bytes after an implicit-TLS greeting: inside TLS, so they belong to the session.
     pub leftover: Vec<u8>,
     pub addr: SocketAddr,
-    pub tls_version: &'static str,
-    pub cipher: String,
-    /// Time from the start of the TLS handshake to its end.
-    pub handshake: Duration,
+    pub tls: UpstreamTls,
 }
 
 /// Why the upstream leg could not be established.
@@ -46,30 +43,42 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// A short, stable reason for the session outcome and metrics labels.
-    pub fn reason(&self) -> &'static str {
+    pub fn cause(&self) -> UpstreamFailure {
         match self {
-            UpstreamError::Resolve { .. } => "dns",
+            UpstreamError::Resolve { .. } => UpstreamFailure::Dns,
             UpstreamError::Connect { source, .. }
                 if source.kind() == io::ErrorKind::ConnectionRefused =>
             {
-                "connection_refused"
+                UpstreamFailure::Refused
             }
-            UpstreamError::Connect { .. } => "connect_failed",
-            UpstreamError::Timeout(_) => "timeout",
-            UpstreamError::Tls { source, .. } => modern::failure_reason(source),
-            UpstreamError::Dialog(err) => err.reason(),
-            UpstreamError::Internal => "internal",
+            UpstreamError::Connect { .. } => UpstreamFailure::ConnectFailed,
+            UpstreamError::Timeout(_) => UpstreamFailure::Timeout,
+            UpstreamError::Tls { source, .. } => modern::failure_cause(source),
+            UpstreamError::Dialog(err) => err.cause(),
+            UpstreamError::Internal => UpstreamFailure::Internal,
         }
     }
+
+    /// The session's failure: the typed cause and the full chain for the log.
+    pub fn failure(&self) -> Failure {
+        Failure::new(Outcome::Upstream(self.cause()), format!("{self:#}"))
+    }
+}
+
+/// How the upstream leg starts its TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The protocol's plaintext dialog, then STARTTLS.
+    Starttls(Dialect),
+    /// TLS at once; a protocol with a dialog then sends its greeting.
+    Tls(Option<Dialect>),
 }
 
 /// Everything the upstream task needs, owned so it can run on its own.
 pub struct Target {
     pub host: String,
     pub port: u16,
-    pub protocol: Protocol,
-    pub mode: UpstreamMode,
+    pub start: Start,
     /// The name sent in SMTP EHLO.
     pub client_name: String,
     pub timeout: Duration,
@@ -125,12 +134,11 @@ async fn establish_inner(
         source,
     };
     let started;
-    let (stream, greeting, leftover) = match target.mode {
-        UpstreamMode::Starttls => {
+    let (stream, greeting, leftover) = match target.start {
+        Start::Starttls(dialect) => {
             let mut conn = LineConn::new(tcp);
             let greeting =
-                protocol::upstream_starttls(target.protocol, &mut conn, &target.client_name)
-                    .await?;
+                protocol::upstream_starttls(dialect, &mut conn, &target.client_name).await?;
             let (tcp, early) = conn.into_parts();
             // Bytes after the "go ahead" reply would be read as if inside TLS: refuse them.
             if !early.is_empty() {
@@ -143,37 +151,30 @@ async fn establish_inner(
                 .map_err(tls_error)?;
             (tls, greeting, Vec::new())
         }
-        UpstreamMode::Tls => {
+        Start::Tls(dialect) => {
             started = Instant::now();
             let tls = connector
                 .connect(&target.host, tcp)
                 .await
                 .map_err(tls_error)?;
-            let mut conn = LineConn::new(tls);
-            let greeting = protocol::upstream_greeting(target.protocol, &mut conn).await?;
-            let (tls, leftover) = conn.into_parts();
-            (tls, greeting, leftover)
+            match dialect {
+                Some(dialect) => {
+                    let mut conn = LineConn::new(tls);
+                    let greeting = protocol::upstream_greeting(dialect, &mut conn).await?;
+                    let (tls, leftover) = conn.into_parts();
+                    (tls, greeting, leftover)
+                }
+                None => (tls, Vec::new(), Vec::new()),
+            }
         }
     };
-    let handshake = started.elapsed();
-    let session = stream.get_ref().1;
-    let tls_version = match session.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
-        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
-        _ => "unknown",
-    };
-    let cipher = session
-        .negotiated_cipher_suite()
-        .map(|suite| format!("{:?}", suite.suite()))
-        .unwrap_or_default();
+    let tls = UpstreamTls::of(stream.get_ref().1, started.elapsed());
     Ok(UpstreamLeg {
         stream,
         greeting,
         leftover,
         addr,
-        tls_version,
-        cipher,
-        handshake,
+        tls,
     })
 }
 
@@ -206,4 +207,47 @@ async fn connect(host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
             source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
         },
     })
+}
+
+/// The upstream leg of one session, started on demand (at most once) and awaited later.
+pub struct LazyUpstream {
+    target: Option<Target>,
+    connector: Arc<ModernConnector>,
+    pending: Option<PendingUpstream>,
+}
+
+impl LazyUpstream {
+    /// `target` is `None` when the host is not known yet (SNI routing): see `aim`.
+    pub fn new(target: Option<Target>, connector: Arc<ModernConnector>) -> LazyUpstream {
+        LazyUpstream {
+            target,
+            connector,
+            pending: None,
+        }
+    }
+
+    /// Starts the leg if it is not running yet.
+    pub fn start(&mut self) {
+        if self.pending.is_none() {
+            if let Some(target) = self.target.take() {
+                self.pending = Some(PendingUpstream::start(target, self.connector.clone()));
+            }
+        }
+    }
+
+    /// Gives a leg whose host was not known at accept (SNI routing) its target.
+    pub fn aim(&mut self, target: Target) {
+        if self.pending.is_none() {
+            self.target = Some(target);
+        }
+    }
+
+    /// Waits for the leg, starting it first if needed.
+    pub async fn wait(&mut self) -> Result<UpstreamLeg, UpstreamError> {
+        self.start();
+        match &mut self.pending {
+            Some(pending) => pending.wait().await,
+            None => Err(UpstreamError::Internal),
+        }
+    }
 }

@@ -1,11 +1,19 @@
-//! Subcommands other than `run`: each prints for a human and returns the process exit code.
+//! The command line: its definition (`args`), the subcommands other than `run`, and `execute`,
+//! which carries out a parsed command line.
 
 pub mod admin_client;
+pub mod args;
 pub mod certs;
 pub mod check;
 pub mod health;
 pub mod inventory;
 pub mod probe;
+pub mod table;
+
+use anyhow::Result;
+
+use crate::config::{Config, LogFormat};
+use args::{CertsAction, Command};
 
 /// Exit code for a runtime failure.
 pub const EXIT_FAILURE: u8 = 1;
@@ -23,4 +31,35 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     } else {
         EXIT_FAILURE
     }
+}
+
+/// Carries out `command` (the default: run the proxy) with a loaded configuration.
+pub fn execute(
+    command: Option<Command>,
+    config: Config,
+    log_format: Option<LogFormat>,
+) -> Result<()> {
+    match command.unwrap_or(Command::Run) {
+        Command::Run => crate::server::run_until_signalled(config, log_format),
+        Command::Check => print(check::check(&config)),
+        Command::Certs { action } => print(match action {
+            CertsAction::Init => certs::init(&config.device_tls),
+            CertsAction::Show => certs::show(&config.device_tls),
+            CertsAction::ExportCa => certs::export_ca(&config.device_tls),
+        }),
+        Command::Inventory { json } => {
+            let (out, source) = inventory::inventory(&config, json)?;
+            eprintln!("{source}");
+            print(Ok(out))
+        }
+        Command::Probe { target, starttls } => {
+            probe::run(&config, &target, starttls.map(Into::into))
+        }
+        Command::Health => print(health::health(&config)),
+    }
+}
+
+fn print(output: Result<String>) -> Result<()> {
+    print!("{}", output?);
+    Ok(())
 }

@@ -7,17 +7,31 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Result};
 use rustls::pki_types::CertificateDer;
 
-use crate::config::{Config, ConfigError, Protocol, Upstream, UpstreamMode};
+use crate::config::{Config, ConfigError, Upstream, UpstreamMode};
+use crate::protocol::Dialect;
 use crate::tls::modern::{self, ModernConnector};
-use crate::upstream::{self, Target};
+use crate::upstream::{self, Start, Target};
+
+/// `tlsbridge probe`: prints the report; fails when the upstream leg would fail.
+pub fn run(config: &Config, target: &str, starttls: Option<Dialect>) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (report, ok) = runtime.block_on(probe(config, target, starttls))?;
+    print!("{report}");
+    if !ok {
+        bail!("the upstream leg to {target} would fail");
+    }
+    Ok(())
+}
 
 /// The report, and whether the upstream leg would succeed.
 pub async fn probe(
     config: &Config,
     target: &str,
-    starttls: Option<Protocol>,
+    starttls: Option<Dialect>,
 ) -> Result<(String, bool)> {
-    let (host, port, protocol, mode) = resolve(config, target, starttls)?;
+    let (host, port, start) = resolve(config, target, starttls)?;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let client = modern::recording_config(&config.upstream_tls, seen.clone())
         .map_err(ConfigError::from_anyhow)?;
@@ -32,17 +46,16 @@ pub async fn probe(
     let target = Target {
         host: host.clone(),
         port,
-        protocol,
-        mode,
+        start,
         client_name,
         timeout,
     };
     let result = upstream::establish(&target, &connector).await;
 
     let mut out = String::new();
-    let how = match mode {
-        UpstreamMode::Starttls => format!("STARTTLS ({protocol})"),
-        UpstreamMode::Tls => "implicit TLS".to_string(),
+    let how = match start {
+        Start::Starttls(dialect) => format!("STARTTLS ({})", dialect.as_str()),
+        Start::Tls(_) => "implicit TLS".to_string(),
     };
     writeln!(
         out,
@@ -51,8 +64,8 @@ pub async fn probe(
     )?;
     if let Ok(leg) = &result {
         writeln!(out, "address:      {}", leg.addr)?;
-        writeln!(out, "protocol:     {}", leg.tls_version)?;
-        writeln!(out, "cipher:       {}", leg.cipher)?;
+        writeln!(out, "protocol:     {}", leg.tls.version)?;
+        writeln!(out, "cipher:       {}", leg.tls.cipher)?;
     }
     let chain = seen.lock().map(|c| c.clone()).unwrap_or_default();
     writeln!(
@@ -73,7 +86,11 @@ pub async fn probe(
             out,
             "verification: ok (certificate chain and name {host} verified)"
         )?,
-        Err(err) => writeln!(out, "verification: FAILED: {err:#} [{}]", err.reason())?,
+        Err(err) => writeln!(
+            out,
+            "verification: FAILED: {err:#} [{}]",
+            err.cause().reason()
+        )?,
     }
     Ok((out, result.is_ok()))
 }
@@ -81,21 +98,25 @@ pub async fn probe(
 fn resolve(
     config: &Config,
     target: &str,
-    starttls: Option<Protocol>,
-) -> Result<(String, u16, Protocol, UpstreamMode)> {
+    starttls: Option<Dialect>,
+) -> Result<(String, u16, Start)> {
     if let Some(route) = config.routes.iter().find(|r| r.name == target) {
         let Upstream::Fixed { host, port } = &route.upstream else {
             bail!(ConfigError(format!(
                 "route {target} routes by SNI; probe HOST:PORT instead"
             )));
         };
-        let protocol = starttls.unwrap_or(route.protocol);
-        return Ok((host.clone(), *port, protocol, route.upstream_tls));
+        let dialect = starttls.or(Dialect::of(route.protocol));
+        let start = match (route.upstream_tls, dialect) {
+            (UpstreamMode::Starttls, Some(dialect)) => Start::Starttls(dialect),
+            _ => Start::Tls(dialect),
+        };
+        return Ok((host.clone(), *port, start));
     }
     match target.parse::<Upstream>() {
         Ok(Upstream::Fixed { host, port }) => Ok(match starttls {
-            Some(protocol) => (host, port, protocol, UpstreamMode::Starttls),
-            None => (host, port, Protocol::Tcp, UpstreamMode::Tls),
+            Some(dialect) => (host, port, Start::Starttls(dialect)),
+            None => (host, port, Start::Tls(None)),
         }),
         _ => bail!(ConfigError(format!(
             "{target:?} is neither a route name nor HOST:PORT"

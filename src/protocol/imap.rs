@@ -10,6 +10,34 @@ use super::{
 
 const CAPABILITIES: &str = "IMAP4rev1 STARTTLS LOGINDISABLED";
 
+/// Over a connection limit, before any dialog.
+pub const BUSY: &[u8] = b"* BYE [UNAVAILABLE] too many connections, try again later\r\n";
+
+/// The go-ahead for the device's STARTTLS, tagged with its tag.
+pub fn starttls_accepted(start: &StartTls) -> Vec<u8> {
+    tagged(start, "OK Begin TLS negotiation now")
+}
+
+/// The answer to STARTTLS when the upstream leg failed.
+pub fn starttls_refused(start: &StartTls, reason: &str) -> Vec<u8> {
+    let mut reply = unavailable(reason);
+    reply.extend(tagged(
+        start,
+        &format!("NO [UNAVAILABLE] upstream unavailable ({reason})"),
+    ));
+    reply
+}
+
+/// The transient error in place of a greeting when the upstream leg failed.
+pub fn unavailable(reason: &str) -> Vec<u8> {
+    format!("* BYE [UNAVAILABLE] upstream unavailable ({reason}), try again later\r\n").into_bytes()
+}
+
+/// `* BYE` near the end of what the upstream sent is its goodbye.
+pub fn said_goodbye(from_upstream: &[u8]) -> bool {
+    from_upstream.windows(5).any(|w| w == b"* BYE")
+}
+
 /// Serves the greeting, CAPABILITY, NOOP and LOGOUT until the device sends `tag STARTTLS`.
 pub async fn device_until_starttls<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut LineConn<S>,
@@ -205,6 +233,12 @@ mod tests {
     use super::*;
     use crate::protocol::testing::{read_until, scripted_server};
     use tokio::io::{duplex, AsyncWriteExt};
+
+    #[test]
+    fn goodbye_is_bye() {
+        assert!(said_goodbye(b"* BYE bye\r\na OK done\r\n"));
+        assert!(!said_goodbye(b"a OK done\r\n"));
+    }
 
     #[test]
     fn literals_and_tags() {

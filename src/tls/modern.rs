@@ -15,6 +15,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{ModernVersion, UpstreamTlsConfig};
+use crate::outcome::UpstreamFailure;
 
 /// The one client configuration all routes share (and with it the session-resumption cache).
 pub struct ModernConnector {
@@ -185,22 +186,52 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// A short, stable name for a handshake failure, for metrics labels and the session outcome.
-pub fn failure_reason(err: &std::io::Error) -> &'static str {
+/// What the upstream leg's TLS turned out to be, for the log and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// `TLSv1.2` or `TLSv1.3`.
+    pub version: &'static str,
+    /// The rustls suite name, e.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher: &'static str,
+    /// Time from the start of the TLS handshake to its end.
+    pub handshake: std::time::Duration,
+}
+
+impl UpstreamTls {
+    pub fn of(session: &rustls::ClientConnection, handshake: std::time::Duration) -> UpstreamTls {
+        let version = match session.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "unknown",
+        };
+        let cipher = session
+            .negotiated_cipher_suite()
+            .and_then(|suite| suite.suite().as_str())
+            .unwrap_or("");
+        UpstreamTls {
+            version,
+            cipher,
+            handshake,
+        }
+    }
+}
+
+/// Names a handshake failure, for metrics labels and the session outcome.
+pub fn failure_cause(err: &std::io::Error) -> UpstreamFailure {
     let Some(tls) = err
         .get_ref()
         .and_then(|e| e.downcast_ref::<rustls::Error>())
     else {
         return match err.kind() {
-            std::io::ErrorKind::UnexpectedEof => "closed_during_handshake",
-            _ => "handshake_io",
+            std::io::ErrorKind::UnexpectedEof => UpstreamFailure::ClosedDuringHandshake,
+            _ => UpstreamFailure::HandshakeIo,
         };
     };
     match tls {
-        rustls::Error::InvalidCertificate(_) => "certificate_invalid",
+        rustls::Error::InvalidCertificate(_) => UpstreamFailure::CertificateInvalid,
         rustls::Error::AlertReceived(rustls::AlertDescription::ProtocolVersion)
-        | rustls::Error::PeerIncompatible(_) => "protocol_version",
-        rustls::Error::AlertReceived(_) => "alert_received",
-        _ => "handshake_failed",
+        | rustls::Error::PeerIncompatible(_) => UpstreamFailure::ProtocolVersion,
+        rustls::Error::AlertReceived(_) => UpstreamFailure::AlertReceived,
+        _ => UpstreamFailure::HandshakeFailed,
     }
 }
