@@ -16,8 +16,8 @@ use prometheus_client::registry::Registry;
 
 use crate::outcome::Leg;
 
-/// The content type of `render`'s output.
-pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+/// The content type of `render`'s output: the Prometheus text format, version 0.0.4.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
 /// Upper bounds of the handshake duration histograms, in seconds.
 const BUCKETS: [f64; 11] = [
