@@ -18,6 +18,9 @@ use tracing::debug;
 
 use crate::audit::Sinks;
 
+/// Pause after a failed accept (out of descriptors), so the loop does not spin.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// What the endpoint reports on.
 pub struct AdminState {
     pub sinks: Arc<Sinks>,
@@ -34,7 +37,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
                 Ok(accepted) => accepted,
                 Err(err) => {
                     debug!(error = %err, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },

@@ -4,21 +4,23 @@
 //! downgraded device.
 //!
 //! # Layout
-//! A connection's way, one module per phase:
-//! - [`listener`]: accept, ACL, limits, one task per connection.
-//! - [`device`]: the device-side dialog (STARTTLS server role) and the OpenSSL handshake.
-//! - [`upstream`]: connect, the upstream dialog (STARTTLS client role), the rustls handshake;
-//!   started at accept time in parallel with the device leg.
+//! docs/architecture.md is the map: the layers, which may use which, and one connection's way
+//! through the files. In short, a connection's way, one module per phase:
+//! - [`listener`]: accept, ACL, the global limit, one task per connection.
+//! - [`session`]: strings the phases together; PROXY header, per-address limit.
+//! - [`device`]: the device's dialog (STARTTLS server role), the answer to STARTTLS once the
+//!   upstream resolves, and the OpenSSL handshake, under one pre-TLS deadline.
+//! - [`upstream`]: connect, the upstream dialog (STARTTLS client role), the rustls handshake,
+//!   in its own task in parallel with the device leg.
 //! - [`greeting`]: reconciles who expects a greeting.
 //! - [`relay`]: both directions with half-close, idle timeout and byte counts.
-//! - [`audit`]: the `legacy_client` and `session_closed` events.
+//! - [`audit`]: the `legacy_client` and `session_closed` events, metrics and inventory.
 //!
-//! [`session`] strings the phases together (and reads a [`proxy_protocol`] header first where a
-//! route asks for one); [`server`] owns the shared state, reload and shutdown.
-//! Around them: [`config`] (layered TOML), [`certs`] (the local CA), [`tls`] (both TLS ends),
-//! [`protocol`] (SMTP, IMAP and POP3 dialogs, both roles, over any async stream), [`admin`]
-//! (the hyper endpoint) with [`metrics`] and [`inventory`], [`signals`], [`logging`], and
-//! [`cli`] (the subcommands other than `run`).
+//! Below them: [`context`] (what sessions share), [`limits`], [`outcome`] (typed causes),
+//! [`protocol`] (SMTP, IMAP and POP3 dialogs, both roles, over any async stream), [`tls`]
+//! (both TLS ends), [`metrics`], [`inventory`], [`certs`], [`proxy_protocol`], [`config`],
+//! [`text`] (the sanitiser) and [`fsutil`]. Above them: [`server`], [`admin`], [`signals`],
+//! [`logging`] and [`cli`].
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -31,6 +33,8 @@ pub mod device;
 pub mod fsutil;
 pub mod greeting;
 pub mod inventory;
+#[cfg(test)]
+mod layering;
 pub mod limits;
 pub mod listener;
 pub mod logging;

@@ -5,14 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, info_span, warn, Instrument};
 
-use crate::config::DeviceMode;
 use crate::context::{RouteCtx, Shared};
 use crate::outcome::Refusal;
-use crate::protocol::{self, Dialect};
 use crate::session;
 
 /// The first wait after a failed accept (EMFILE and friends), doubled up to `ACCEPT_BACKOFF_MAX`.
@@ -60,7 +58,7 @@ pub async fn serve(
             continue;
         }
         let Some(permit) = shared.admission.global() else {
-            refuse_busy(&route, &shared, tcp, peer);
+            session::refuse_busy(&route, &shared, tcp, peer);
             continue;
         };
         let _ = tcp.set_nodelay(true);
@@ -75,22 +73,4 @@ pub async fn serve(
         let task = session::run(route.clone(), shared.clone(), tcp, peer, permit);
         shared.tracker.spawn(task.instrument(span));
     }
-}
-
-/// Over a limit: plaintext protocols get their "try later" reply without waiting (a fresh
-/// socket's send buffer is empty, so `try_write` does not block), then the socket closes.
-pub fn refuse_busy(route: &RouteCtx, shared: &Shared, tcp: TcpStream, peer: SocketAddr) {
-    if route.route.device_tls != DeviceMode::Tls {
-        if let Some(dialect) = Dialect::of(route.route.protocol) {
-            let _ = tcp.try_write(protocol::busy(dialect));
-        }
-    }
-    let why = "limits.max_connections or limits.max_connections_per_ip reached";
-    shared.sinks.refused(
-        &route.route,
-        &route.metrics,
-        peer,
-        Refusal::TooManyConnections,
-        why,
-    );
 }

@@ -16,7 +16,6 @@ use crate::config::{DeviceMode, Upstream, UpstreamMode};
 use crate::context::{RouteCtx, Shared};
 use crate::device::{self, DeviceLeg, DeviceStream};
 use crate::greeting::{self, Legs};
-use crate::listener;
 use crate::outcome::{Failure, Outcome, Refusal, Stall};
 use crate::protocol::{self, smtp, Dialect};
 use crate::proxy_protocol;
@@ -41,7 +40,7 @@ pub async fn run(
     };
     Span::current().record("peer", field::display(peer));
     let Some(_place) = shared.admission.per_ip(peer.ip()) else {
-        listener::refuse_busy(&route, &shared, tcp, peer);
+        refuse_busy(&route, &shared, tcp, peer);
         return;
     };
     let mut record = SessionRecord::open(&route.route, peer, &route.metrics, &shared.sinks);
@@ -268,4 +267,22 @@ fn target(shared: &Shared, route: &RouteCtx, host: &str, port: u16) -> Target {
         client_name: shared.server_name().to_string(),
         timeout: shared.config.upstream_tls.connect_timeout,
     }
+}
+
+/// Over a limit: plaintext protocols get their "try later" reply without waiting (a fresh
+/// socket's send buffer is empty, so `try_write` does not block), then the socket closes.
+pub fn refuse_busy(route: &RouteCtx, shared: &Shared, tcp: TcpStream, peer: SocketAddr) {
+    if route.route.device_tls != DeviceMode::Tls {
+        if let Some(dialect) = Dialect::of(route.route.protocol) {
+            let _ = tcp.try_write(protocol::busy(dialect));
+        }
+    }
+    let why = "limits.max_connections or limits.max_connections_per_ip reached";
+    shared.sinks.refused(
+        &route.route,
+        &route.metrics,
+        peer,
+        Refusal::TooManyConnections,
+        why,
+    );
 }

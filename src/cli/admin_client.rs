@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+/// Bound on connecting to, writing to and reading from the admin endpoint: a local answer is
+/// immediate, so anything slower means it is stuck.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Where to reach an admin endpoint bound to `listen` from this host.
 pub fn local_address(listen: SocketAddr) -> SocketAddr {
     let ip = match listen.ip() {
@@ -20,7 +24,7 @@ pub fn local_address(listen: SocketAddr) -> SocketAddr {
 /// GETs `path`; returns the status code and the body.
 pub fn get(listen: SocketAddr, path: &str) -> Result<(u16, String)> {
     let addr = local_address(listen);
-    let timeout = Duration::from_secs(3);
+    let timeout = ADMIN_TIMEOUT;
     let mut tcp = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("no admin endpoint answers at {addr}"))?;
     tcp.set_read_timeout(Some(timeout))?;
