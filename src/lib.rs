@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod secret;
 pub mod server;
 pub mod session;
 pub mod signals;
