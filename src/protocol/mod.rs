@@ -5,6 +5,7 @@
 
 pub mod imap;
 pub mod pop3;
+pub mod sasl;
 pub mod smtp;
 #[cfg(test)]
 mod testing;
