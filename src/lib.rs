@@ -26,6 +26,7 @@ pub mod audit;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod device;
 pub mod fsutil;
 pub mod greeting;
