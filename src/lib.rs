@@ -34,6 +34,7 @@ pub mod inventory;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod oauth;
 pub mod protocol;
 pub mod proxy_protocol;
 pub mod relay;
