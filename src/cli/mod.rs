@@ -5,6 +5,7 @@ pub mod certs;
 pub mod check;
 pub mod health;
 pub mod inventory;
+pub mod passwd;
 pub mod probe;
 
 /// Exit code for a runtime failure.
