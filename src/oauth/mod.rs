@@ -329,10 +329,14 @@ impl TokenSource {
         })
     }
 
-    /// Forgets the cached token, e.g. after the upstream refused it as expired or revoked; the
-    /// next caller fetches a new one (subject to the back-off).
-    pub fn invalidate(&self) {
-        self.lock().token = None;
+    /// Forgets `rejected` when it is still the cached token, e.g. after the upstream refused it
+    /// as expired or revoked; the next caller fetches a new one (subject to the back-off).
+    /// Sessions that saw the same rejection drop it once, not a newer token another fetched.
+    pub fn invalidate(&self, rejected: &AccessToken) {
+        let mut state = self.lock();
+        if state.token.as_ref().is_some_and(|c| &c.token == rejected) {
+            state.token = None;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

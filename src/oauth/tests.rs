@@ -321,6 +321,14 @@ async fn the_secret_grant_from_a_secret_file_succeeds_and_the_token_is_reused() 
     }
     assert_eq!(endpoint.requests(), 1, "the cached token is reused");
     assert_eq!(source.requests(), 1);
+
+    // An upstream refusing the token: it is dropped once; a stale rejection drops nothing.
+    source.invalidate(&first);
+    let second = source.token().await.unwrap();
+    assert_ne!(second, first);
+    source.invalidate(&first);
+    assert_eq!(source.token().await.unwrap(), second);
+    assert_eq!(endpoint.requests(), 2);
 }
 
 #[tokio::test]
