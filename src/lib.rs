@@ -19,6 +19,10 @@
 //! [`protocol`] (SMTP, IMAP and POP3 dialogs, both roles, over any async stream), [`admin`]
 //! (the hyper endpoint) with [`metrics`] and [`inventory`], [`signals`], [`logging`], and
 //! [`cli`] (the subcommands other than `run`).
+//!
+//! Authentication after Basic auth: [`credentials`] (device users and password hashes),
+//! [`oauth`] (Entra ID tokens), [`protocol::sasl`] (PLAIN, LOGIN, XOAUTH2), and [`secret`], the
+//! masked type every secret value travels in.
 #![forbid(unsafe_code)]
 
 pub mod admin;
