@@ -11,6 +11,8 @@ use config::{FileFormat, Format, Map, Source, Value};
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
+use crate::secret::Secret;
+
 /// The embedded defaults, compiled in so the binary runs without any file.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -48,6 +50,7 @@ pub struct Config {
     pub device_tls: DeviceTlsConfig,
     pub upstream_tls: UpstreamTlsConfig,
     pub limits: LimitsConfig,
+    pub oauth: OAuthConfig,
     #[serde(rename = "route", default)]
     pub routes: Vec<Route>,
 }
@@ -189,6 +192,19 @@ pub struct Route {
     pub proxy_from: Vec<IpNet>,
     #[serde(default)]
     pub sni_allow: Vec<String>,
+    /// What happens to the device's login after TLS (see [`AuthMode`]).
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// xoauth2 only: false lets a device that never logs in through as `default_mailbox`.
+    #[serde(default = "yes")]
+    pub auth_required: bool,
+    #[serde(default, deserialize_with = "optional_string")]
+    pub default_mailbox: Option<String>,
+    /// A PEM certificate and key presented on the upstream leg (relay connectors).
+    #[serde(default, deserialize_with = "optional_path")]
+    pub upstream_client_cert: Option<PathBuf>,
+    #[serde(default, deserialize_with = "optional_path")]
+    pub upstream_client_key: Option<PathBuf>,
 }
 
 /// The default ACL: loopback and private ranges only.
@@ -225,6 +241,7 @@ impl Config {
             let text = std::fs::read_to_string(path)
                 .map_err(|err| invalid(path.display(), format!("cannot read: {err}")))?;
             let table = parse_toml(&path.display().to_string(), &text)?;
+            refuse_inline_secret(&path.display().to_string(), &table)?;
             routes_given |= table.contains_key("route");
             layers.push(MapSource(table));
         }
@@ -233,6 +250,8 @@ impl Config {
             .filter(|(key, _)| key.starts_with(ENV_PREFIX))
             .collect();
         let env_routes = vars.remove("TLSBRIDGE__ROUTE");
+        // Kept away from the config crate, whose errors may quote values.
+        let env_secret = take_env_secret(&mut vars);
         if let Some(routes) = &env_routes {
             let table = parse_toml("TLSBRIDGE__ROUTE", &format!("route = {routes}"))?;
             routes_given = true;
@@ -259,10 +278,11 @@ impl Config {
             .add_source(environment)
             .build()
             .map_err(|err| ConfigError(format!("invalid configuration: {err}")))?;
-        let config: Config = serde_path_to_error::deserialize(layered).map_err(|err| {
+        let mut config: Config = serde_path_to_error::deserialize(layered).map_err(|err| {
             let key = err.path().to_string();
             invalid(key, dotted(&err.into_inner().to_string()))
         })?;
+        config.oauth.client_secret = env_secret;
         config.validate()?;
         Ok(config)
     }
@@ -315,7 +335,7 @@ impl Config {
                 .validate()
                 .map_err(|(field, reason)| invalid(key(field), reason))?;
         }
-        Ok(())
+        self.validate_auth()
     }
 }
 
@@ -470,6 +490,475 @@ fn upstream<'de, D: Deserializer<'de>>(de: D) -> Result<Upstream, D::Error> {
     String::deserialize(de)?
         .parse()
         .map_err(serde::de::Error::custom)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authentication after Basic auth: the [oauth] section, the per-route auth keys, and the rule
+// that a secret never sits in a config file (`check` prints configs; files get copied around).
+
+/// The one place besides a file that may carry the OAuth client secret.
+pub const CLIENT_SECRET_ENV: &str = "TLSBRIDGE__OAUTH__CLIENT_SECRET";
+
+/// What a route does with the device's login once both legs are encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Bytes are relayed untouched, the login included.
+    #[default]
+    Passthrough,
+    /// tlsbridge checks the device's password locally and logs in upstream with SASL XOAUTH2.
+    Xoauth2,
+}
+
+names!(AuthMode { Passthrough => "passthrough", Xoauth2 => "xoauth2" });
+
+/// `[oauth]`: the Entra ID app whose client-credentials tokens routes with `auth = "xoauth2"`
+/// use upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthConfig {
+    /// The tenant's domain or id; names the default token endpoint.
+    #[serde(default)]
+    pub tenant: String,
+    #[serde(default)]
+    pub client_id: String,
+    #[serde(default, deserialize_with = "optional_path")]
+    pub client_secret_file: Option<PathBuf>,
+    /// Only ever set from [`CLIENT_SECRET_ENV`]: a config file holding it is refused.
+    #[serde(skip)]
+    pub client_secret: Option<Secret>,
+    /// A certificate (PEM) and its private key: the app signs a JWT client assertion.
+    #[serde(default, deserialize_with = "optional_path")]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default, deserialize_with = "optional_path")]
+    pub client_key: Option<PathBuf>,
+    /// `None`: Entra's endpoint for `tenant` (see [`OAuthConfig::token_endpoint`]).
+    #[serde(default, deserialize_with = "optional_string")]
+    pub token_url: Option<String>,
+    pub scope: String,
+    /// Device user -> password hash + mailbox, written by `tlsbridge passwd`.
+    pub users_file: PathBuf,
+}
+
+impl OAuthConfig {
+    /// `token_url`, or Microsoft Entra ID's v2.0 endpoint for the tenant.
+    pub fn token_endpoint(&self) -> String {
+        match &self.token_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "https://login.microsoftonline.com/{}/oauth2/v2.0/token",
+                self.tenant
+            ),
+        }
+    }
+
+    /// True when a client secret is configured (file or environment).
+    pub fn has_secret(&self) -> bool {
+        self.client_secret_file.is_some() || self.client_secret.is_some()
+    }
+
+    /// True when a client certificate and key are configured.
+    pub fn has_certificate(&self) -> bool {
+        self.client_cert.is_some() && self.client_key.is_some()
+    }
+}
+
+impl Config {
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let oauth = &self.oauth;
+        if oauth.client_secret_file.is_some() && oauth.client_secret.is_some() {
+            return Err(invalid(
+                "oauth.client_secret_file",
+                format!("the client secret is also set in {CLIENT_SECRET_ENV}; give one"),
+            ));
+        }
+        match (&oauth.client_cert, &oauth.client_key) {
+            (Some(_), None) => return Err(invalid("oauth.client_key", "client_cert needs it")),
+            (None, Some(_)) => return Err(invalid("oauth.client_cert", "client_key needs it")),
+            _ => {}
+        }
+        if oauth.has_secret() && oauth.has_certificate() {
+            return Err(invalid(
+                "oauth.client_cert",
+                "give either a client secret or a certificate and key, not both",
+            ));
+        }
+        if !oauth.tenant.is_empty() && !valid_tenant(&oauth.tenant) {
+            return Err(invalid(
+                "oauth.tenant",
+                format!(
+                    "{:?} is not a tenant domain or id",
+                    crate::text::printable(&oauth.tenant)
+                ),
+            ));
+        }
+        if let Some(url) = &oauth.token_url {
+            check_https_url(url).map_err(|reason| invalid("oauth.token_url", reason))?;
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            route
+                .validate_auth()
+                .map_err(|(field, reason)| invalid(format!("route[{i}].{field}"), reason))?;
+        }
+        let Some(route) = self.routes.iter().find(|r| r.auth == AuthMode::Xoauth2) else {
+            return Ok(());
+        };
+        let needs = |what: &str| format!("route {:?} uses auth = \"xoauth2\": {what}", route.name);
+        if oauth.tenant.is_empty() {
+            return Err(invalid("oauth.tenant", needs("set the Entra tenant")));
+        }
+        if oauth.client_id.trim().is_empty() {
+            return Err(invalid("oauth.client_id", needs("set the app's client id")));
+        }
+        if !oauth.has_secret() && !oauth.has_certificate() {
+            return Err(invalid(
+                "oauth.client_secret_file",
+                needs(&format!(
+                    "give a client secret (client_secret_file or {CLIENT_SECRET_ENV}) or \
+                     client_cert and client_key"
+                )),
+            ));
+        }
+        if oauth.scope.trim().is_empty() {
+            return Err(invalid("oauth.scope", needs("set the token scope")));
+        }
+        if oauth.users_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "oauth.users_file",
+                needs("name the device users file"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Route {
+    fn validate_auth(&self) -> Result<(), (&'static str, String)> {
+        if self.auth == AuthMode::Xoauth2 && self.protocol == Protocol::Tcp {
+            return Err((
+                "auth",
+                "\"xoauth2\" needs a login to take over: use smtp, imap or pop3".into(),
+            ));
+        }
+        if !self.auth_required {
+            if self.auth != AuthMode::Xoauth2 {
+                return Err((
+                    "auth_required",
+                    "only applies to auth = \"xoauth2\" (passthrough never sees the login)".into(),
+                ));
+            }
+            if self.default_mailbox.is_none() {
+                return Err((
+                    "default_mailbox",
+                    "auth_required = false needs the mailbox used for devices that never log in"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(mailbox) = &self.default_mailbox {
+            if !valid_mailbox(mailbox) {
+                return Err((
+                    "default_mailbox",
+                    format!(
+                        "{:?} is not a mailbox address",
+                        crate::text::printable(mailbox)
+                    ),
+                ));
+            }
+        }
+        match (&self.upstream_client_cert, &self.upstream_client_key) {
+            (Some(_), None) => Err((
+                "upstream_client_key",
+                "upstream_client_cert needs its key".into(),
+            )),
+            (None, Some(_)) => Err((
+                "upstream_client_cert",
+                "upstream_client_key needs its certificate".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A mailbox address as it goes into an XOAUTH2 `user=` field: `local@domain`, printable, no
+/// spaces, and never the ^A that separates the fields.
+pub fn valid_mailbox(address: &str) -> bool {
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return false;
+    };
+    address.len() <= 254
+        && !local.is_empty()
+        && !domain.is_empty()
+        && address.chars().all(|c| c.is_ascii_graphic())
+}
+
+/// A tenant as Entra names it: a domain (`contoso.onmicrosoft.com`) or a GUID. It becomes part
+/// of a URL path, so nothing else is allowed.
+fn valid_tenant(tenant: &str) -> bool {
+    tenant.len() <= 253
+        && tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+}
+
+/// The token endpoint must be https: the secret or assertion travels in the request body.
+fn check_https_url(url: &str) -> Result<(), String> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|err| format!("{url:?} is not a URL: {err}"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(format!("{url:?} must be an https:// URL"));
+    }
+    if uri.host().map_or(true, str::is_empty) {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok(())
+}
+
+/// A `client_secret` in a config file is refused, even when no route uses it yet.
+fn refuse_inline_secret(origin: &str, table: &Map<String, Value>) -> Result<(), ConfigError> {
+    let inline = table
+        .get("oauth")
+        .and_then(|oauth| oauth.clone().into_table().ok())
+        .is_some_and(|oauth| oauth.contains_key("client_secret"));
+    if inline {
+        return Err(invalid(
+            format!("{origin}: oauth.client_secret"),
+            format!(
+                "a secret does not belong in a config file; put it in a file named by \
+                 oauth.client_secret_file (mode 0600), or in {CLIENT_SECRET_ENV}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Removes the client secret from the environment layer (any case, as the config crate would
+/// match it) and keeps it masked.
+fn take_env_secret(vars: &mut HashMap<String, String>) -> Option<Secret> {
+    let key = vars
+        .keys()
+        .find(|key| key.eq_ignore_ascii_case(CLIENT_SECRET_ENV))?
+        .clone();
+    vars.remove(&key)
+        .map(|value| Secret::new(value.trim()))
+        .filter(|secret| !secret.is_empty())
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn optional_string<'de, D: Deserializer<'de>>(de: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(de)?;
+    Ok(Some(text).filter(|t| !t.trim().is_empty()))
+}
+
+fn optional_path<'de, D: Deserializer<'de>>(de: D) -> Result<Option<PathBuf>, D::Error> {
+    Ok(optional_string(de)?.map(PathBuf::from))
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use super::*;
+
+    const XOAUTH2_ROUTE: &str = "[[route]]\nname = \"smtp\"\nlisten = \"127.0.0.1:1\"\n\
+        protocol = \"smtp\"\ndevice_tls = \"starttls\"\nupstream = \"h:587\"\n\
+        upstream_tls = \"starttls\"\nauth = \"xoauth2\"\n";
+    const OAUTH: &str = "[oauth]\ntenant = \"contoso.onmicrosoft.com\"\n\
+        client_id = \"00000000-0000-0000-0000-000000000001\"\n\
+        client_secret_file = \"secrets/client_secret\"\n";
+
+    fn load(file: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tlsbridge.toml");
+        std::fs::write(&path, file).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load_from(Some(&path), env)
+    }
+
+    #[test]
+    fn defaults_are_passthrough_with_entra_settings() {
+        let config = Config::load_from(None, Vec::new()).unwrap();
+        assert!(config.routes.iter().all(|r| r.auth == AuthMode::Passthrough
+            && r.auth_required
+            && r.default_mailbox.is_none()
+            && r.upstream_client_cert.is_none()));
+        assert_eq!(config.oauth.scope, "https://outlook.office365.com/.default");
+        assert_eq!(config.oauth.users_file, PathBuf::from("secrets/users"));
+        assert_eq!(config.oauth.token_url, None);
+        assert_eq!(config.oauth.client_secret_file, None);
+    }
+
+    #[test]
+    fn an_xoauth2_route_with_a_secret_file_loads() {
+        let config = load(&format!("{OAUTH}{XOAUTH2_ROUTE}"), &[]).unwrap();
+        assert_eq!(config.routes[0].auth, AuthMode::Xoauth2);
+        assert_eq!(
+            config.oauth.token_endpoint(),
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+    }
+
+    #[test]
+    fn the_secret_may_come_from_the_environment_and_stays_masked() {
+        let oauth = "[oauth]\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"app\"\n";
+        let config = load(
+            &format!("{oauth}{XOAUTH2_ROUTE}"),
+            &[(CLIENT_SECRET_ENV, "s3cr3t-Value~42")],
+        )
+        .unwrap();
+        assert_eq!(
+            config.oauth.client_secret.as_ref().map(Secret::expose),
+            Some("s3cr3t-Value~42")
+        );
+        let shown = format!("{config:?} {:?}", config.oauth);
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+    }
+
+    #[test]
+    fn a_secret_in_a_config_file_is_refused_without_quoting_it() {
+        let err = load("[oauth]\nclient_secret = \"s3cr3t-Value~42\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("oauth.client_secret"), "{err}");
+        assert!(err.contains("client_secret_file"), "{err}");
+        assert!(err.contains(CLIENT_SECRET_ENV), "{err}");
+        assert!(!err.contains("s3cr3t"), "{err}");
+    }
+
+    #[test]
+    fn a_certificate_grant_loads_and_a_half_pair_does_not() {
+        let oauth = "[oauth]\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"app\"\n\
+            client_cert = \"app.crt\"\nclient_key = \"app.key\"\n\
+            token_url = \"https://127.0.0.1:8443/token\"\n";
+        let config = load(&format!("{oauth}{XOAUTH2_ROUTE}"), &[]).unwrap();
+        assert!(config.oauth.has_certificate());
+        assert_eq!(
+            config.oauth.token_endpoint(),
+            "https://127.0.0.1:8443/token"
+        );
+        let half = "[oauth]\nclient_cert = \"app.crt\"\n";
+        let err = load(half, &[]).unwrap_err().to_string();
+        assert!(err.contains("oauth.client_key"), "{err}");
+    }
+
+    /// A config file, environment variables, and the key the error must name.
+    type BadCase<'a> = (String, &'a [(&'a str, &'a str)], &'a str);
+
+    #[test]
+    fn auth_errors_name_the_key() {
+        let route = |extra: &str| format!("{OAUTH}{XOAUTH2_ROUTE}{extra}");
+        let tcp = "[[route]]\nname = \"t\"\nlisten = \"127.0.0.1:2\"\nprotocol = \"tcp\"\n\
+            device_tls = \"tls\"\nupstream = \"h:1\"\nupstream_tls = \"tls\"\n";
+        let cases: Vec<BadCase> = vec![
+            (
+                route("").replace("\"xoauth2\"", "\"oauth\""),
+                &[],
+                "route[0].auth",
+            ),
+            (
+                format!("{OAUTH}{tcp}auth = \"xoauth2\"\n"),
+                &[],
+                "route[0].auth",
+            ),
+            (XOAUTH2_ROUTE.to_string(), &[], "oauth.tenant"),
+            (
+                format!("[oauth]\ntenant = \"contoso.onmicrosoft.com\"\n{XOAUTH2_ROUTE}"),
+                &[],
+                "oauth.client_id",
+            ),
+            (
+                format!(
+                    "[oauth]\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"a\"\n\
+                     {XOAUTH2_ROUTE}"
+                ),
+                &[],
+                "oauth.client_secret_file",
+            ),
+            (
+                route(""),
+                &[(CLIENT_SECRET_ENV, "x")],
+                "oauth.client_secret_file",
+            ),
+            (
+                route("").replace(
+                    "[oauth]\n",
+                    "[oauth]\nclient_cert = \"c\"\nclient_key = \"k\"\n",
+                ),
+                &[],
+                "oauth.client_cert",
+            ),
+            (
+                route("auth_required = false\n"),
+                &[],
+                "route[0].default_mailbox",
+            ),
+            (
+                format!("{tcp}auth_required = false\ndefault_mailbox = \"a@b\"\n"),
+                &[],
+                "route[0].auth_required",
+            ),
+            (
+                route("default_mailbox = \"not an address\"\n"),
+                &[],
+                "route[0].default_mailbox",
+            ),
+            (
+                route("upstream_client_cert = \"relay.crt\"\n"),
+                &[],
+                "route[0].upstream_client_key",
+            ),
+            (
+                route("upstream_client_key = \"relay.key\"\n"),
+                &[],
+                "route[0].upstream_client_cert",
+            ),
+            (
+                route("").replace("[oauth]\n", "[oauth]\ntoken_url = \"http://h/token\"\n"),
+                &[],
+                "oauth.token_url",
+            ),
+            (
+                route("").replace("contoso.onmicrosoft.com", "contoso/../x"),
+                &[],
+                "oauth.tenant",
+            ),
+        ];
+        for (file, env, key) in &cases {
+            let err = load(file, env).expect_err(file).to_string();
+            assert!(err.contains(key), "{err:?} should name {key}");
+        }
+    }
+
+    #[test]
+    fn a_relay_route_without_login_uses_the_default_mailbox() {
+        let config = load(
+            &format!(
+                "{OAUTH}{XOAUTH2_ROUTE}auth_required = false\n\
+                 default_mailbox = \"scanner@contoso.com\"\n\
+                 upstream_client_cert = \"relay.crt\"\nupstream_client_key = \"relay.key\"\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        let route = &config.routes[0];
+        assert!(!route.auth_required);
+        assert_eq!(
+            route.default_mailbox.as_deref(),
+            Some("scanner@contoso.com")
+        );
+        assert_eq!(route.upstream_client_key, Some(PathBuf::from("relay.key")));
+    }
+
+    #[test]
+    fn mailboxes_are_checked_for_what_xoauth2_cannot_carry() {
+        assert!(valid_mailbox("scanner@contoso.com"));
+        assert!(!valid_mailbox("scanner"));
+        assert!(!valid_mailbox("a b@contoso.com"));
+        assert!(!valid_mailbox("a\u{1}auth=x@contoso.com"));
+        assert!(!valid_mailbox("@contoso.com"));
+    }
 }
 
 #[cfg(test)]

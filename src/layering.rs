@@ -21,8 +21,10 @@ const LAYERS: &[&[&str]] = &[
         "protocol",
         "tls",
         "proxy_protocol",
+        "oauth",
+        "credentials",
     ],
-    &["outcome", "config", "text", "fsutil"],
+    &["outcome", "config", "text", "fsutil", "secret"],
 ];
 
 fn layer(module: &str) -> Option<usize> {

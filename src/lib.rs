@@ -21,6 +21,10 @@
 //! (both TLS ends), [`metrics`], [`inventory`], [`certs`], [`proxy_protocol`], [`config`],
 //! [`text`] (the sanitiser) and [`fsutil`]. Above them: [`server`], [`admin`], [`signals`],
 //! [`logging`] and [`cli`].
+//!
+//! Authentication after Basic auth: [`credentials`] (device users and password hashes),
+//! [`oauth`] (Entra ID tokens), [`protocol::sasl`] (PLAIN, LOGIN, XOAUTH2), and [`secret`], the
+//! masked type every secret value travels in.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -29,6 +33,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod context;
+pub mod credentials;
 pub mod device;
 pub mod fsutil;
 pub mod greeting;
@@ -39,10 +44,12 @@ pub mod limits;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod oauth;
 pub mod outcome;
 pub mod protocol;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod secret;
 pub mod server;
 pub mod session;
 pub mod signals;

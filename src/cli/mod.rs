@@ -7,6 +7,7 @@ pub mod certs;
 pub mod check;
 pub mod health;
 pub mod inventory;
+pub mod passwd;
 pub mod probe;
 pub mod table;
 

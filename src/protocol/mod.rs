@@ -7,6 +7,7 @@
 pub mod imap;
 pub mod lines;
 pub mod pop3;
+pub mod sasl;
 pub mod smtp;
 #[cfg(test)]
 mod testing;

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -69,6 +69,55 @@ pub fn client_config(config: &UpstreamTlsConfig) -> Result<Arc<ClientConfig>> {
         .with_root_certificates(roots(config)?)
         .with_no_client_auth();
     Ok(Arc::new(client))
+}
+
+/// The same configuration, presenting a client certificate (`route.upstream_client_cert` and
+/// `upstream_client_key`, PEM) to upstreams that authenticate by certificate, such as
+/// Microsoft 365 relay connectors. Also returns the key file's mode when group or others may
+/// read it, for a warning at start.
+pub fn client_config_with_identity(
+    config: &UpstreamTlsConfig,
+    cert: &Path,
+    key: &Path,
+) -> Result<(Arc<ClientConfig>, Option<u32>)> {
+    use std::os::unix::fs::PermissionsExt;
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|err| {
+            anyhow!(
+                "upstream_client_cert: cannot read {}: {err}",
+                cert.display()
+            )
+        })?;
+    if chain.is_empty() {
+        bail!(
+            "upstream_client_cert: {} holds no PEM certificate",
+            cert.display()
+        );
+    }
+    // The error is the file's name only: a parse error could quote key material.
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|_| {
+        anyhow!(
+            "upstream_client_key: {} holds no readable PEM private key",
+            key.display()
+        )
+    })?;
+    let loose = std::fs::metadata(key)
+        .map(|meta| meta.permissions().mode() & 0o777)
+        .ok()
+        .filter(|mode| mode & 0o077 != 0);
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(config))?
+        .with_root_certificates(roots(config)?)
+        .with_client_auth_cert(chain, private)
+        .with_context(|| {
+            format!(
+                "upstream_client_cert/upstream_client_key: {} and {} do not form a usable pair",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    Ok((Arc::new(client), loose))
 }
 
 /// The same configuration, but the certificates the server presents are kept in `seen` so
@@ -233,5 +282,45 @@ pub fn failure_cause(err: &std::io::Error) -> UpstreamFailure {
         | rustls::Error::PeerIncompatible(_) => UpstreamFailure::ProtocolVersion,
         rustls::Error::AlertReceived(_) => UpstreamFailure::AlertReceived,
         _ => UpstreamFailure::HandshakeFailed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
+
+    fn upstream_tls() -> UpstreamTlsConfig {
+        UpstreamTlsConfig {
+            min_version: ModernVersion::Tls12,
+            extra_roots: Vec::new(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn a_client_identity_loads_and_a_loose_key_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = rcgen::generate_simple_self_signed(vec!["relay.contoso.com".into()]).unwrap();
+        let (cert, key) = (dir.path().join("relay.crt"), dir.path().join("relay.key"));
+        std::fs::write(&cert, pair.cert.pem()).unwrap();
+        std::fs::write(&key, pair.signing_key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (config, loose) = client_config_with_identity(&upstream_tls(), &cert, &key).unwrap();
+        assert!(config.client_auth_cert_resolver.has_certs());
+        assert_eq!(loose, Some(0o644));
+
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n").unwrap();
+        let err = client_config_with_identity(&upstream_tls(), &cert, &key).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("upstream_client_key") && !text.contains("c2VjcmV0"),
+            "{text}"
+        );
+        let other = rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
+        std::fs::write(&key, other.signing_key.serialize_pem()).unwrap();
+        let err = client_config_with_identity(&upstream_tls(), &cert, &key).unwrap_err();
+        assert!(format!("{err:#}").contains("usable pair"), "{err:#}");
     }
 }
