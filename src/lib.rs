@@ -17,7 +17,7 @@
 //! route asks for one); [`server`] owns the shared state, reload and shutdown.
 //! Around them: [`config`] (layered TOML), [`certs`] (the local CA), [`tls`] (both TLS ends),
 //! [`protocol`] (SMTP, IMAP and POP3 dialogs, both roles, over any async stream), [`admin`]
-//! (the hyper endpoint) with [`metrics`] and [`inventory`], [`signals`], [`logging`], and
+//! (the hyper endpoint) with [`metrics`], [`inventory`] and the [`dashboard`] page, [`signals`], [`logging`], and
 //! [`cli`] (the subcommands other than `run`).
 #![forbid(unsafe_code)]
 
@@ -26,6 +26,7 @@ pub mod audit;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod device;
 pub mod fsutil;
 pub mod greeting;
