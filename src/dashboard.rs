@@ -156,6 +156,7 @@ th, td { text-align: left; padding: .3em .6em; border-bottom: 1px solid #eee; ve
 th { background: #f6f6f6; }
 td.num, th.num { text-align: right; }
 tr.stale td { color: #888; }
+td.when { white-space: nowrap; }
 .warn { color: #b2182b; font-weight: 600; }
 .legend span { display: inline-block; margin-right: 1em; }
 .legend i { display: inline-block; width: .8em; height: .8em; margin-right: .3em; vertical-align: middle; }
@@ -502,7 +503,8 @@ fn devices(html: &mut String, view: &View) {
         let _ = writeln!(
             html,
             "<tr{}><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-             <td>{}</td><td>{last_seen}</td><td class=\"num\">{}</td><td>{auth}</td></tr>",
+             <td class=\"when\">{}</td><td class=\"when\">{last_seen}</td>\
+             <td class=\"num\">{}</td><td>{auth}</td></tr>",
             if stale { " class=\"stale\"" } else { "" },
             escape(&c.ip.to_string()),
             names.join("<br>"),
