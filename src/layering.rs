@@ -23,6 +23,7 @@ const LAYERS: &[&[&str]] = &[
         "proxy_protocol",
         "oauth",
         "credentials",
+        "dashboard",
     ],
     &["outcome", "config", "text", "fsutil", "secret"],
 ];

@@ -18,7 +18,7 @@
 //!
 //! Below them: [`context`] (what sessions share), [`limits`], [`outcome`] (typed causes),
 //! [`protocol`] (SMTP, IMAP and POP3 dialogs, both roles, over any async stream), [`tls`]
-//! (both TLS ends), [`metrics`], [`inventory`], [`certs`], [`proxy_protocol`], [`config`],
+//! (both TLS ends), [`metrics`], [`inventory`] (with the [`dashboard`] page), [`certs`], [`proxy_protocol`], [`config`],
 //! [`text`] (the sanitiser) and [`fsutil`]. Above them: [`server`], [`admin`], [`signals`],
 //! [`logging`] and [`cli`].
 //!
@@ -34,6 +34,7 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod credentials;
+pub mod dashboard;
 pub mod device;
 pub mod fsutil;
 pub mod greeting;

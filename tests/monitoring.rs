@@ -1,0 +1,2 @@
+#[path = "it/monitoring.rs"]
+mod monitoring;
