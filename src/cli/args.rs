@@ -34,8 +34,15 @@ pub enum Command {
     /// Print the legacy-device inventory (from the running instance, else the state file).
     Inventory {
         /// JSON instead of a table.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "csv")]
         json: bool,
+        /// CSV (a header row and one row per device) instead of a table.
+        #[arg(long)]
+        csv: bool,
+        /// Merge the inventories of running instances: their admin base URLs, comma-separated
+        /// (e.g. http://10.0.0.5:9480,http://10.0.0.6:9480).
+        #[arg(long, value_name = "URL,URL...", value_delimiter = ',')]
+        from: Vec<String>,
     },
     /// Connect to an upstream exactly as the upstream leg would and show what it presents.
     Probe {
@@ -47,6 +54,21 @@ pub enum Command {
     },
     /// Exit 0 when the running instance's /healthz answers (for container health checks).
     Health,
+    /// Add, change or delete a device user of the credentials table (oauth.users_file). The
+    /// password is read from a prompt or standard input, never from the command line.
+    Passwd {
+        /// The device user name.
+        user: String,
+        /// The Microsoft 365 mailbox the user maps to (required for a new user).
+        #[arg(long, value_name = "ADDRESS")]
+        mailbox: Option<String>,
+        /// The credentials table (default: oauth.users_file).
+        #[arg(long, value_name = "FILE")]
+        users_file: Option<PathBuf>,
+        /// Remove the user.
+        #[arg(long, conflicts_with = "mailbox")]
+        delete: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
@@ -142,11 +164,24 @@ mod tests {
                 action: CertsAction::ExportCa
             })
         ));
-        let cli = parse(&["inventory", "--json"]).unwrap();
-        assert!(matches!(
-            cli.command,
-            Some(Command::Inventory { json: true })
-        ));
+        let cli = parse(&[
+            "inventory",
+            "--csv",
+            "--from",
+            "http://a:9480,http://b:9480",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Inventory { json, csv, from }) => {
+                assert!(!json && csv);
+                assert_eq!(from, ["http://a:9480", "http://b:9480"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = parse(&["passwd", "scanner1", "--mailbox", "scan@contoso.com"]).unwrap();
+        assert!(
+            matches!(cli.command, Some(Command::Passwd { ref user, .. }) if user == "scanner1")
+        );
     }
 
     #[test]
@@ -155,5 +190,11 @@ mod tests {
         assert!(parse(&["probe", "h:1", "--starttls", "http"]).is_err());
         assert!(parse(&["--log-format", "xml"]).is_err());
         assert!(parse(&["frobnicate"]).is_err());
+        assert!(parse(&["inventory", "--json", "--csv"]).is_err());
+        assert!(parse(&["passwd"]).is_err(), "passwd needs a user");
+        assert!(
+            parse(&["passwd", "u", "secret-password"]).is_err(),
+            "a password is never taken from argv"
+        );
     }
 }

@@ -48,8 +48,8 @@ pub fn execute(
             CertsAction::Show => certs::show(&config.device_tls),
             CertsAction::ExportCa => certs::export_ca(&config.device_tls),
         }),
-        Command::Inventory { json } => {
-            let (out, source) = inventory::inventory(&config, json)?;
+        Command::Inventory { json, csv, from } => {
+            let (out, source) = inventory::inventory_with(&config, json, csv, &from, None)?;
             eprintln!("{source}");
             print(Ok(out))
         }
@@ -57,6 +57,20 @@ pub fn execute(
             probe::run(&config, &target, starttls.map(Into::into))
         }
         Command::Health => print(health::health(&config)),
+        Command::Passwd {
+            user,
+            mailbox,
+            users_file,
+            delete,
+        } => {
+            let args = passwd::PasswdArgs {
+                user,
+                mailbox,
+                users_file,
+                delete,
+            };
+            print(passwd::passwd(&config, &args, &mut *passwd::stdin_input()))
+        }
     }
 }
 
