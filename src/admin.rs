@@ -102,12 +102,10 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             "not ready\n".into(),
         ),
         "/metrics" => {
-            let sinks = &state.sinks;
-            sinks.metrics.set_legacy_clients(sinks.inventory.len());
             reply(
                 StatusCode::OK,
                 crate::metrics::CONTENT_TYPE,
-                sinks.metrics.render(),
+                state.sinks.metrics_text(),
             )
         }
         "/" => {
@@ -211,7 +209,7 @@ mod tests {
             ehlo: Some("<script>alert(1)</script>"),
         });
         let state = Arc::new(AdminState {
-            sinks: Arc::new(Sinks::new(inventory)),
+            sinks: Arc::new(Sinks::new(inventory, None)),
             ready: AtomicBool::new(true),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -27,14 +27,30 @@ pub struct Sinks {
     pub metrics: Metrics,
     pub inventory: Inventory,
     refusals: RateLimit,
+    /// `admin.per_device_metrics`: `None` means on while the inventory is small.
+    per_device_metrics: Option<bool>,
 }
 
 impl Sinks {
-    pub fn new(inventory: Inventory) -> Sinks {
+    pub fn new(inventory: Inventory, per_device_metrics: Option<bool>) -> Sinks {
         Sinks {
             metrics: Metrics::default(),
             inventory,
             refusals: RateLimit::new(REFUSALS_LOGGED_PER_SECOND),
+            per_device_metrics,
+        }
+    }
+
+    /// The Prometheus exposition, with the per-device series when they are switched on.
+    pub fn metrics_text(&self) -> String {
+        let devices = self.inventory.len();
+        self.metrics.set_legacy_clients(devices);
+        let per_device = self
+            .per_device_metrics
+            .unwrap_or(devices < crate::metrics::PER_DEVICE_AUTO_LIMIT);
+        match per_device {
+            true => self.metrics.render(Some(&self.inventory.snapshot())),
+            false => self.metrics.render(None),
         }
     }
 
@@ -191,6 +207,9 @@ impl<'a> SessionRecord<'a> {
         self.upstream_cipher = tls.cipher.to_string();
         Span::current().record("upstream_tls", self.upstream_tls);
         self.metrics.handshake_took(Leg::Upstream, tls.handshake);
+        if let Some(not_after) = tls.certificate_expiry {
+            self.metrics.certificate_expires(not_after);
+        }
     }
 
     /// Ends the record: counts a leg that failed to come up, logs `session_closed`; `detail`

@@ -76,6 +76,10 @@ pub struct AdminConfig {
     /// `None` when the endpoint is disabled (`listen = ""`).
     #[serde(deserialize_with = "optional_addr")]
     pub listen: Option<SocketAddr>,
+    /// Per-device series on `/metrics`; unset: on while the inventory holds fewer than 2,000
+    /// devices.
+    #[serde(default)]
+    pub per_device_metrics: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -14,7 +14,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::inventory::Client;
 use crate::outcome::Leg;
+
+/// Per-device series are on by default while the inventory holds fewer devices than this
+/// (`admin.per_device_metrics` unset); beyond it they would burden Prometheus.
+pub const PER_DEVICE_AUTO_LIMIT: usize = 2_000;
 
 /// The content type of `render`'s output: the Prometheus text format, version 0.0.4.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
@@ -63,6 +68,14 @@ struct RouteLeg {
     leg: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabels {
+    address: String,
+    client_name: String,
+    device_tls: String,
+    route: String,
+}
+
 #[derive(Clone)]
 struct HandshakeBuckets;
 
@@ -82,6 +95,7 @@ pub struct Metrics {
     bytes: Family<RouteDirection, Counter>,
     handshakes: Family<RouteLeg, Histogram, HandshakeBuckets>,
     legacy_clients: Gauge,
+    certificate_expiry: Family<RouteLabel, Gauge>,
 }
 
 /// One route's handles, resolved when the route is set up.
@@ -94,6 +108,8 @@ pub struct RouteMetrics {
     upstream_handshake: Histogram,
     /// Linked into the family on first use, so only versions really seen are exported.
     connections: [OnceLock<Counter>; DEVICE_TLS.len()],
+    /// Shown once an upstream certificate was seen.
+    certificate_expiry: OnceLock<Gauge>,
     families: Families,
 }
 
@@ -103,6 +119,7 @@ struct Families {
     connections: Family<RouteTls, Counter>,
     refused: Family<RouteReason, Counter>,
     handshake_failures: Family<RouteLegReason, Counter>,
+    certificate_expiry: Family<RouteLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -150,6 +167,12 @@ impl Default for Metrics {
             "TLS handshake duration, by route and leg",
             handshakes.clone(),
         );
+        let certificate_expiry = Family::<RouteLabel, Gauge>::default();
+        registry.register(
+            "tlsbridge_upstream_certificate_expiry_timestamp_seconds",
+            "When the upstream's certificate expires (notAfter, Unix time), as the last session of the route saw it",
+            certificate_expiry.clone(),
+        );
         let start = Gauge::<f64, AtomicU64>::default();
         start.set(
             SystemTime::now()
@@ -171,6 +194,7 @@ impl Default for Metrics {
             bytes,
             handshakes,
             legacy_clients,
+            certificate_expiry,
         }
     }
 }
@@ -196,10 +220,12 @@ impl Metrics {
             device_handshake: self.handshakes.get_or_create_owned(&leg(Leg::Device)),
             upstream_handshake: self.handshakes.get_or_create_owned(&leg(Leg::Upstream)),
             connections: Default::default(),
+            certificate_expiry: OnceLock::new(),
             families: Families {
                 connections: self.connections.clone(),
                 refused: self.refused.clone(),
                 handshake_failures: self.handshake_failures.clone(),
+                certificate_expiry: self.certificate_expiry.clone(),
             },
             route: name,
         }
@@ -209,11 +235,16 @@ impl Metrics {
         self.legacy_clients.set(count as i64);
     }
 
-    /// The text exposition format (version 0.0.4).
-    pub fn render(&self) -> String {
+    /// The text exposition format (version 0.0.4). With `devices`, the per-device series
+    /// follow, made from the inventory at scrape time (so they cost nothing between scrapes and
+    /// are bounded by `limits.max_inventory_clients`).
+    pub fn render(&self, devices: Option<&[Client]>) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_text::encode(&mut out, &self.registry);
+        if let Some(devices) = devices {
+            let _ = prometheus_text::encode(&mut out, &device_registry(devices));
+        }
         out
     }
 }
@@ -263,6 +294,18 @@ impl RouteMetrics {
             .inc();
     }
 
+    /// The upstream certificate's notAfter, in Unix seconds.
+    pub fn certificate_expires(&self, not_after: i64) {
+        self.certificate_expiry
+            .get_or_init(|| {
+                let labels = RouteLabel {
+                    route: self.route.clone(),
+                };
+                self.families.certificate_expiry.get_or_create_owned(&labels)
+            })
+            .set(not_after);
+    }
+
     pub fn handshake_took(&self, leg: Leg, took: Duration) {
         let histogram = match leg {
             Leg::Device => &self.device_handshake,
@@ -270,6 +313,49 @@ impl RouteMetrics {
         };
         histogram.observe(took.as_secs_f64());
     }
+}
+
+/// `tlsbridge_legacy_client_last_seen_timestamp_seconds` and
+/// `tlsbridge_legacy_client_connections_total`: one series per device and TLS version it was
+/// seen with. `client_name` is the EHLO name, else the last SNI; `route` lists the device's
+/// routes, comma-separated. N replicas each export their own devices; Prometheus adds them up.
+fn device_registry(devices: &[Client]) -> Registry {
+    let mut registry = Registry::default();
+    let last_seen = Family::<DeviceLabels, Gauge>::default();
+    registry.register(
+        "tlsbridge_legacy_client_last_seen_timestamp_seconds",
+        "When a legacy device was last seen (Unix time), by address, name, TLS version and routes",
+        last_seen.clone(),
+    );
+    let connections = Family::<DeviceLabels, Counter>::default();
+    registry.register(
+        "tlsbridge_legacy_client_connections",
+        "Legacy connections of a device, by address, name, TLS version and routes",
+        connections.clone(),
+    );
+    for device in devices {
+        let seen = humantime::parse_rfc3339(&device.last_seen)
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs() as i64);
+        let name = if device.ehlo.is_empty() {
+            &device.last_sni
+        } else {
+            &device.ehlo
+        };
+        let routes = device.routes.iter().cloned().collect::<Vec<_>>().join(",");
+        for (version, count) in &device.versions {
+            let labels = DeviceLabels {
+                address: device.ip.to_string(),
+                client_name: name.clone(),
+                device_tls: version.clone(),
+                route: routes.clone(),
+            };
+            last_seen.get_or_create(&labels).set(seen);
+            connections.get_or_create(&labels).inc_by(*count);
+        }
+    }
+    registry
 }
 
 #[cfg(test)]
@@ -286,7 +372,8 @@ mod tests {
         r.handshake_took(Leg::Device, Duration::from_millis(20));
         r.handshake_failed(Leg::Upstream, "certificate_invalid");
         r.closed(10, 20);
-        let text = m.render();
+        r.certificate_expires(1_900_000_000);
+        let text = m.render(None);
         for line in [
             "tlsbridge_connections_total{route=\"smtp\",device_tls=\"TLSv1\"} 2",
             "tlsbridge_active_connections{route=\"smtp\"} 0",
@@ -296,6 +383,25 @@ mod tests {
             "tlsbridge_handshake_duration_seconds_bucket{route=\"smtp\",leg=\"device\",le=\"0.025\"} 1",
             "tlsbridge_handshake_duration_seconds_count{route=\"smtp\",leg=\"device\"} 1",
             "tlsbridge_legacy_clients 0",
+            "tlsbridge_upstream_certificate_expiry_timestamp_seconds{route=\"smtp\"} 1900000000",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn per_device_series_come_from_the_inventory() {
+        let device: Client = serde_json::from_value(serde_json::json!({
+            "ip": "10.0.0.7", "first_seen": "2026-11-01T08:00:00Z",
+            "last_seen": "2026-11-02T08:00:00Z", "connections": 3,
+            "versions": {"TLSv1": 2, "plain": 1}, "ciphers": {}, "routes": ["smtp", "smtps"],
+            "ehlo": "MX-3070"
+        }))
+        .unwrap();
+        let text = Metrics::default().render(Some(&[device]));
+        for line in [
+            "tlsbridge_legacy_client_connections_total{address=\"10.0.0.7\",client_name=\"MX-3070\",device_tls=\"TLSv1\",route=\"smtp,smtps\"} 2",
+            "tlsbridge_legacy_client_last_seen_timestamp_seconds{address=\"10.0.0.7\",client_name=\"MX-3070\",device_tls=\"plain\",route=\"smtp,smtps\"} 1793606400",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

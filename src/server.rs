@@ -50,7 +50,7 @@ impl Server {
         let connector = Arc::new(ModernConnector::new(&config.upstream_tls).map_err(setup)?);
         let inventory = Inventory::load(&config.state_dir, config.limits.max_inventory_clients)
             .map_err(setup)?;
-        let sinks = Arc::new(Sinks::new(inventory));
+        let sinks = Arc::new(Sinks::new(inventory, config.admin.per_device_metrics));
         let mut listeners = Vec::new();
         for route in &config.routes {
             let listener = TcpListener::bind(route.listen).await.with_context(|| {

@@ -244,6 +244,8 @@ pub struct UpstreamTls {
     pub cipher: &'static str,
     /// Time from the start of the TLS handshake to its end.
     pub handshake: std::time::Duration,
+    /// The server certificate's notAfter (Unix seconds), for the expiry metric.
+    pub certificate_expiry: Option<i64>,
 }
 
 impl UpstreamTls {
@@ -257,10 +259,16 @@ impl UpstreamTls {
             .negotiated_cipher_suite()
             .and_then(|suite| suite.suite().as_str())
             .unwrap_or("");
+        let certificate_expiry = session
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok())
+            .map(|(_, cert)| cert.validity().not_after.timestamp());
         UpstreamTls {
             version,
             cipher,
             handshake,
+            certificate_expiry,
         }
     }
 }
