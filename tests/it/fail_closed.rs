@@ -7,11 +7,11 @@
 //! means it to (so a passing row cannot come from a different failure). Every row runs a device
 //! of each mode against its own route to that upstream and expects:
 //!
-//! | protocol | device `starttls`                      | device `tls` / `plain` (greeting) |
-//! |----------|----------------------------------------|-----------------------------------|
-//! | smtp     | its dialog, then `454 4.7.0` to STARTTLS | `421 4.4.0`                      |
-//! | imap     | its dialog, then `* BYE` and a tagged `NO` to STARTTLS | `* BYE`            |
-//! | pop3     | its dialog, then `-ERR` to STLS        | `-ERR`                            |
+//! | protocol | `starttls` device: its dialog, then to STARTTLS | `tls`, `plain` device: greeting |
+//! |----------|-------------------------------------------------|---------------------------------|
+//! | smtp     | `454 4.7.0`                                     | `421 4.4.0`                     |
+//! | imap     | `* BYE` and a tagged `NO`                       | `* BYE`                         |
+//! | pop3     | `-ERR` (to STLS)                                | `-ERR`                          |
 //!
 //! then nothing more (in particular none of the upstream's injected bytes) and a clean close;
 //! and at the upstream, for each device: none of the device's bytes and no TLS session carrying
@@ -20,7 +20,7 @@
 use crate::imap_pop3::{assert_no_early_bytes, imap_pre_tls, pop3_pre_tls, ImapClient, Pop3Client};
 use crate::smtp::assert_no_device_bytes;
 use crate::support::ca::Pki;
-use crate::support::device::{connect, tls_connect, Legacy, SmtpClient, DEVICE_EHLO};
+use crate::support::device::{connect, tls_connect, Legacy, Reply, SmtpClient, DEVICE_EHLO};
 use crate::support::lines::{contains, contains_ci, preview, Close};
 use crate::support::proxy::{Proxy, Route};
 use crate::support::upstream::{
@@ -226,10 +226,10 @@ async fn fails_closed(scenario: Scenario) {
 }
 
 /// The device side on route `mode`: checks the error reply, returns what followed until the
-/// close.
+/// close. Likewise [`imap_device`] and [`pop3_device`].
 async fn smtp_device(proxy: &Proxy, mode: &str) -> (Vec<u8>, Close) {
     let addr = proxy.addr(mode);
-    let reply = match mode {
+    match mode {
         "starttls" => {
             // The proxy's own dialog, then 454 in answer to STARTTLS.
             let mut device = SmtpClient::connect(addr)
@@ -245,7 +245,7 @@ async fn smtp_device(proxy: &Proxy, mode: &str) -> (Vec<u8>, Close) {
                 reply.code == 454 && reply.lines[0].starts_with("454 4.7.0"),
                 "STARTTLS must get 454 4.7.0 when the upstream fails, got {reply:?}"
             );
-            return device.read_to_close().await.expect("the proxy closes");
+            device.read_to_close().await.expect("the proxy closes")
         }
         "tls" => {
             let tcp = connect(addr).await.expect("connect smtps");
@@ -257,7 +257,8 @@ async fn smtp_device(proxy: &Proxy, mode: &str) -> (Vec<u8>, Close) {
                 .read_reply()
                 .await
                 .expect("greeting on the tls route");
-            (reply, device.read_to_close().await)
+            assert_smtp_421(mode, &reply);
+            device.read_to_close().await.expect("the proxy closes")
         }
         _ => {
             let mut device = SmtpClient::connect(addr)
@@ -267,15 +268,18 @@ async fn smtp_device(proxy: &Proxy, mode: &str) -> (Vec<u8>, Close) {
                 .read_reply()
                 .await
                 .expect("greeting on the plain route");
-            (reply, device.read_to_close().await)
+            assert_smtp_421(mode, &reply);
+            device.read_to_close().await.expect("the proxy closes")
         }
-    };
-    let (reply, end) = reply;
+    }
+}
+
+/// An SMTP device that expects a greeting gets `421 4.4.0` instead.
+fn assert_smtp_421(mode: &str, reply: &Reply) {
     assert!(
         reply.code == 421 && reply.lines[0].starts_with("421 4.4.0"),
-        "a {mode} device must get 421 4.4.0 as its greeting when the upstream fails, got {reply:?}"
+        "a {mode} device must get 421 4.4.0 when the upstream fails, got {reply:?}"
     );
-    end.expect("the proxy closes")
 }
 
 async fn imap_device(proxy: &Proxy, mode: &str) -> (Vec<u8>, Close) {
