@@ -61,7 +61,6 @@ impl EndOfStream for tokio_openssl::SslStream<tokio::net::TcpStream> {
     }
 }
 
-#[allow(dead_code)]
 impl<S: AsyncRead + AsyncWrite + Unpin + EndOfStream> Conn<S> {
     pub fn new(io: S, read_timeout: Duration) -> Conn<S> {
         Conn {
@@ -111,10 +110,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + EndOfStream> Conn<S> {
     /// Bytes read from the peer but not consumed yet.
     pub fn take_buffered(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.buf)
-    }
-
-    pub fn buffered(&self) -> &[u8] {
-        &self.buf
     }
 
     pub async fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
@@ -179,13 +174,11 @@ pub fn classify(err: &std::io::Error) -> Close {
 }
 
 /// Whether `needle` occurs in `haystack`.
-#[allow(dead_code)]
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Case-insensitive variant of [`contains`].
-#[allow(dead_code)]
 pub fn contains_ci(haystack: &[u8], needle: &[u8]) -> bool {
     contains(&haystack.to_ascii_uppercase(), &needle.to_ascii_uppercase())
 }

@@ -1,23 +1,20 @@
 //! SMTP end to end: a legacy device (OpenSSL, TLS 1.0..1.2) -> tlsbridge -> a fake Microsoft 365
 //! (rustls, TLS 1.2+, STARTTLS), all on 127.0.0.1:0 with real TLS on both legs.
 
-mod support;
-
-use support::ca::Pki;
-use support::device::{
+use crate::support::ca::Pki;
+use crate::support::device::{
     connect, smtp_session, tls_connect, DeviceMode, Legacy, Mail, SmtpClient, Verify, DEVICE_EHLO,
     DEVICE_TIMEOUT, RSA_KX_CIPHERS,
 };
-use support::lines::{contains, contains_ci, preview, Close};
-use support::proxy::{Proxy, RouteSpec};
-use support::upstream::{
-    dead_port, FakeUpstream, Service, SessionReport, Smtp, SmtpBehaviour, UpstreamTls, INJECTED,
-    SMTP_BANNER,
+use crate::support::lines::{contains, contains_ci, preview, Close};
+use crate::support::proxy::{Proxy, Route};
+use crate::support::upstream::{
+    FakeUpstream, Service, SessionReport, Smtp, SmtpBehaviour, UpstreamTls, INJECTED, SMTP_BANNER,
 };
 use tokio::io::AsyncWriteExt;
 
 /// Asserts that nothing the device said reached the upstream, in plaintext or otherwise.
-fn assert_no_device_bytes(report: &SessionReport) {
+pub(crate) fn assert_no_device_bytes(report: &SessionReport) {
     assert!(
         report.unexpected_plaintext.is_empty(),
         "the upstream received plaintext outside the proxy's own dialog: {report:?}"
@@ -86,9 +83,9 @@ async fn three_routes(pki: &Pki, port: u16) -> Proxy {
     Proxy::start(
         pki,
         &[
-            RouteSpec::smtp("smtp", "starttls", port),
-            RouteSpec::smtp("smtps", "tls", port),
-            RouteSpec::smtp("plain", "plain", port),
+            Route::smtp("smtp", "starttls", port),
+            Route::smtp("smtps", "tls", port),
+            Route::smtp("plain", "plain", port),
         ],
     )
     .await
@@ -97,7 +94,7 @@ async fn three_routes(pki: &Pki, port: u16) -> Proxy {
 
 #[tokio::test]
 async fn starttls_to_starttls_delivers_byte_exact() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, proxy) = normal_setup(&pki).await;
     let mail = Mail::sample();
@@ -144,7 +141,7 @@ async fn starttls_to_starttls_delivers_byte_exact() {
 
 #[tokio::test]
 async fn tls_to_starttls_delivers_byte_exact() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, proxy) = normal_setup(&pki).await;
     let mail = Mail::sample();
@@ -175,7 +172,7 @@ async fn tls_to_starttls_delivers_byte_exact() {
 
 #[tokio::test]
 async fn plain_to_starttls_delivers_byte_exact() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, proxy) = normal_setup(&pki).await;
     let mail = Mail::sample();
@@ -205,7 +202,7 @@ async fn plain_to_starttls_delivers_byte_exact() {
 
 #[tokio::test]
 async fn tls_route_replays_a_multiline_banner() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let banner = "220-fake.m365 Microsoft ESMTP MAIL Service ready\r\n\
                   220-second line of the banner\r\n\
@@ -238,7 +235,7 @@ async fn tls_route_replays_a_multiline_banner() {
 
 /// One device profile through the starttls and the implicit TLS routes.
 async fn legacy_profile_connects(legacy: Legacy) {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, proxy) = normal_setup(&pki).await;
     let mail = Mail::sample();
@@ -295,7 +292,7 @@ async fn device_tls13_connects() {
 
 #[tokio::test]
 async fn device_without_verification_connects() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, proxy) = normal_setup(&pki).await;
     let mail = Mail::sample();
@@ -313,7 +310,7 @@ async fn device_without_verification_connects() {
 
 /// Both upstream protocol versions the proxy must speak.
 async fn upstream_version(tls: UpstreamTls, expected: &str) {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let mut upstream = FakeUpstream::start(Service::Smtp(Smtp::normal()), tls, &pki.localhost)
         .await
@@ -350,7 +347,7 @@ async fn upstream_tls13_only() {
 
 #[tokio::test]
 async fn concurrent_devices_all_deliver() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, proxy) = normal_setup(&pki).await;
     const DEVICES: usize = 8;
@@ -392,215 +389,12 @@ async fn concurrent_devices_all_deliver() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fail closed: whatever goes wrong upstream, the device gets a transient error and nothing it
-// says reaches the upstream.
-
-/// Runs a device against each route of a proxy whose upstream at `port` is broken, and checks
-/// the reply, the close and (when there is an upstream) what the upstream saw.
-/// `scenario` checks on each upstream report that the failure really happened where the test
-/// meant it to (so a passing test cannot come from a different failure).
-async fn assert_fails_closed(
-    pki: &Pki,
-    port: u16,
-    mut upstream: Option<FakeUpstream>,
-    scenario: fn(&SessionReport),
-) {
-    let proxy = three_routes(pki, port).await;
-
-    // starttls: the proxy's own dialog, then 454 in answer to STARTTLS, then a close.
-    let mut device = SmtpClient::connect(proxy.addr("smtp"))
-        .await
-        .expect("connect to the starttls route");
-    device.greeting().await.expect("proxy banner");
-    device
-        .expect(&format!("EHLO {DEVICE_EHLO}"), 250)
-        .await
-        .expect("EHLO");
-    let reply = device.command("STARTTLS").await.expect("reply to STARTTLS");
-    assert!(
-        reply.code == 454 && reply.lines[0].starts_with("454 4.7.0"),
-        "STARTTLS must get 454 4.7.0 when the upstream fails, got {reply:?}"
-    );
-    let (rest, close) = device.read_to_close().await.expect("the proxy closes");
-    assert_eq!(
-        close,
-        Close::Clean,
-        "then a clean close (rest: {})",
-        preview(&rest)
-    );
-    assert!(rest.is_empty(), "nothing after the 454: {}", preview(&rest));
-    if let Some(upstream) = upstream.as_mut() {
-        let report = upstream.next_session().await.expect("upstream session");
-        assert_no_device_bytes(&report);
-        scenario(&report);
-    }
-
-    // tls: handshake, then 421 4.4.0 as the greeting, then a clean TLS close.
-    let tcp = connect(proxy.addr("smtps")).await.expect("connect smtps");
-    let stream = tls_connect(tcp, Legacy::Tls10, &proxy.verify(), "localhost")
-        .await
-        .expect("device handshake on the tls route");
-    let mut device = SmtpClient::new(stream);
-    let reply = device
-        .read_reply()
-        .await
-        .expect("greeting on the tls route");
-    assert!(
-        reply.code == 421 && reply.lines[0].starts_with("421 4.4.0"),
-        "implicit TLS device must get 421 4.4.0 when the upstream fails, got {reply:?}"
-    );
-    let (rest, close) = device.read_to_close().await.expect("the proxy closes");
-    assert_eq!(
-        close,
-        Close::Clean,
-        "then a clean TLS close (rest: {})",
-        preview(&rest)
-    );
-    if let Some(upstream) = upstream.as_mut() {
-        let report = upstream.next_session().await.expect("upstream session");
-        assert_no_device_bytes(&report);
-        scenario(&report);
-    }
-
-    // plain: 421 4.4.0 as the greeting.
-    let mut device = SmtpClient::connect(proxy.addr("plain"))
-        .await
-        .expect("connect to the plain route");
-    let reply = device
-        .read_reply()
-        .await
-        .expect("greeting on the plain route");
-    assert!(
-        reply.code == 421 && reply.lines[0].starts_with("421 4.4.0"),
-        "plain device must get 421 4.4.0 when the upstream fails, got {reply:?}"
-    );
-    let (_, close) = device.read_to_close().await.expect("the proxy closes");
-    assert_eq!(close, Close::Clean);
-    if let Some(upstream) = upstream.as_mut() {
-        let report = upstream.next_session().await.expect("upstream session");
-        assert_no_device_bytes(&report);
-        scenario(&report);
-    }
-}
-
-/// The proxy got as far as the TLS handshake and refused it.
-fn handshake_refused(report: &SessionReport) {
-    assert!(
-        contains(&report.plaintext, b"STARTTLS\r\n") && report.tls_error.is_some(),
-        "the proxy should have failed the upstream TLS handshake: {report:?}"
-    );
-    assert!(!report.tls_established(), "{report:?}");
-}
-
-/// The proxy never got a TLS session.
-fn no_tls(report: &SessionReport) {
-    assert!(!report.tls_established(), "{report:?}");
-}
-
-/// The proxy asked for STARTTLS and got the refusal.
-fn starttls_refused(report: &SessionReport) {
-    assert!(
-        contains(&report.plaintext, b"STARTTLS\r\n"),
-        "the proxy should have tried STARTTLS: {report:?}"
-    );
-    assert!(!report.tls_established(), "{report:?}");
-}
-
-/// STARTTLS was accepted (with injected bytes behind the 220), and the proxy then refused to
-/// start TLS on that stream.
-fn starttls_accepted_no_tls(report: &SessionReport) {
-    assert!(
-        contains(&report.plaintext, b"STARTTLS\r\n"),
-        "the proxy should have sent STARTTLS: {report:?}"
-    );
-    assert!(
-        !report.tls_established(),
-        "the proxy went on with TLS after injected bytes: {report:?}"
-    );
-}
-
-#[tokio::test]
-async fn fails_closed_on_unknown_ca() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = FakeUpstream::smtp(SmtpBehaviour::Normal, &pki.unknown_ca)
-        .await
-        .expect("start the fake upstream");
-    let port = upstream.port();
-    assert_fails_closed(&pki, port, Some(upstream), handshake_refused).await;
-}
-
-#[tokio::test]
-async fn fails_closed_on_wrong_name() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = FakeUpstream::smtp(SmtpBehaviour::Normal, &pki.wrong_name)
-        .await
-        .expect("start the fake upstream");
-    let port = upstream.port();
-    assert_fails_closed(&pki, port, Some(upstream), handshake_refused).await;
-}
-
-#[tokio::test]
-async fn fails_closed_on_tls11_only_upstream() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = FakeUpstream::start(
-        Service::Smtp(Smtp::normal()),
-        UpstreamTls::OpensslTls11Only,
-        &pki.localhost,
-    )
-    .await
-    .expect("start the fake upstream");
-    let port = upstream.port();
-    assert_fails_closed(&pki, port, Some(upstream), handshake_refused).await;
-}
-
-#[tokio::test]
-async fn fails_closed_without_starttls() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = FakeUpstream::smtp(SmtpBehaviour::NoStartTls, &pki.localhost)
-        .await
-        .expect("start the fake upstream");
-    let port = upstream.port();
-    assert_fails_closed(&pki, port, Some(upstream), no_tls).await;
-}
-
-#[tokio::test]
-async fn fails_closed_when_starttls_refused_with_454() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = FakeUpstream::smtp(SmtpBehaviour::Refuse454, &pki.localhost)
-        .await
-        .expect("start the fake upstream");
-    let port = upstream.port();
-    assert_fails_closed(&pki, port, Some(upstream), starttls_refused).await;
-}
-
-#[tokio::test]
-async fn fails_closed_on_bytes_injected_after_upstream_220() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = FakeUpstream::smtp(SmtpBehaviour::InjectAfterReady, &pki.localhost)
-        .await
-        .expect("start the fake upstream");
-    let port = upstream.port();
-    assert_fails_closed(&pki, port, Some(upstream), starttls_accepted_no_tls).await;
-}
-
-#[tokio::test]
-async fn fails_closed_when_upstream_down() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let port = dead_port().await.expect("a released port");
-    assert_fails_closed(&pki, port, None, |_| {}).await;
-}
+// Fail closed: the table of upstream failures is in `fail_closed`.
 
 /// The injected reply must never reach a device either, on any route.
 #[tokio::test]
 async fn upstream_injection_never_reaches_the_device() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let upstream = FakeUpstream::smtp(SmtpBehaviour::InjectAfterReady, &pki.localhost)
         .await
@@ -624,7 +418,7 @@ async fn upstream_injection_never_reaches_the_device() {
 
 #[tokio::test]
 async fn device_pipelined_bytes_after_starttls_are_discarded() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, proxy) = normal_setup(&pki).await;
     let mail = Mail::sample();
@@ -666,7 +460,7 @@ async fn device_pipelined_bytes_after_starttls_are_discarded() {
 
 #[tokio::test]
 async fn mail_before_starttls_gets_530() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, proxy) = normal_setup(&pki).await;
     let mail = Mail::sample();
@@ -711,7 +505,7 @@ async fn mail_before_starttls_gets_530() {
 
 #[tokio::test]
 async fn quit_before_starttls_gets_221() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, proxy) = normal_setup(&pki).await;
     let mut device = SmtpClient::connect(proxy.addr("smtp"))
@@ -730,7 +524,7 @@ async fn quit_before_starttls_gets_221() {
 
 #[tokio::test]
 async fn garbage_instead_of_client_hello_is_closed() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, proxy) = normal_setup(&pki).await;
     let mut tcp = connect(proxy.addr("smtps")).await.expect("connect");
@@ -760,7 +554,7 @@ async fn garbage_instead_of_client_hello_is_closed() {
 
 #[tokio::test]
 async fn garbage_after_starttls_is_closed() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, proxy) = normal_setup(&pki).await;
     let mut device = SmtpClient::connect(proxy.addr("smtp"))

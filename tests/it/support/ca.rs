@@ -25,14 +25,12 @@ pub struct Leaf {
     key_der: Vec<u8>,
 }
 
-#[allow(dead_code)]
 impl Leaf {
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
 }
 
-#[allow(dead_code)]
 impl TestCa {
     /// A new self-signed CA with the given common name.
     pub fn new(common_name: &str) -> Result<TestCa> {
@@ -101,7 +99,8 @@ impl TestCa {
 /// `extra_roots`), leaves for "localhost" and for a wrong name, and a leaf for "localhost" from
 /// a CA nobody trusts.
 pub struct Pki {
-    pub dir: tempfile::TempDir,
+    /// Holds `ca_path` (removed on drop).
+    _dir: tempfile::TempDir,
     pub ca: TestCa,
     pub ca_path: PathBuf,
     pub localhost: Leaf,
@@ -109,7 +108,6 @@ pub struct Pki {
     pub unknown_ca: Leaf,
 }
 
-#[allow(dead_code)]
 impl Pki {
     pub fn new() -> Result<Pki> {
         let dir = tempfile::tempdir().context("tempdir for the test CA")?;
@@ -120,7 +118,7 @@ impl Pki {
         let stranger = TestCa::new("unknown CA")?;
         let unknown_ca = stranger.leaf(&["localhost"])?;
         Ok(Pki {
-            dir,
+            _dir: dir,
             ca,
             ca_path,
             localhost,

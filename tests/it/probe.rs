@@ -1,14 +1,15 @@
 //! `tlsbridge probe`: connects like the upstream leg (the config's `extra_roots` as trust roots,
 //! TLS 1.2+, the protocol's STARTTLS) and reports; exit 0 only when the leg would succeed.
 
-mod support;
-
 use std::path::PathBuf;
 
-use support::ca::Pki;
-use support::ops::{self, Route, Settings};
-use support::peers::Output;
-use support::upstream::{dead_port, EchoMode, FakeUpstream, Service, SmtpBehaviour, UpstreamTls};
+use crate::support::ca::Pki;
+use crate::support::ops;
+use crate::support::peers::Output;
+use crate::support::proxy::{Route, Settings};
+use crate::support::upstream::{
+    dead_port, EchoMode, FakeUpstream, Service, SmtpBehaviour, UpstreamTls,
+};
 
 /// A config (admin disabled) whose only route `smtp` goes to `localhost:smtp_port`.
 fn config(pki: &Pki, dir: &tempfile::TempDir, smtp_port: u16) -> PathBuf {

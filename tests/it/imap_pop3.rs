@@ -3,20 +3,18 @@
 //! with real TLS on both legs. Every route combination, the greeting rule, the pre-TLS dialog,
 //! fail-closed behaviour and STARTTLS injection in both directions.
 
-mod support;
-
 use std::net::SocketAddr;
 
-use anyhow::{bail, ensure, Context, Result};
-use support::ca::Pki;
-use support::device::{connect, tls_connect, DeviceMode, Legacy, Verify, DEVICE_TIMEOUT};
-use support::lines::{contains, contains_ci, preview, Close, Conn, EndOfStream};
-use support::proxy::{Proxy, RouteSpec};
-use support::upstream::{
-    dead_port, pop3_retr_body, FakeUpstream, MailBehaviour, Mailbox, Service, SessionReport,
-    UpstreamTls, IMAP_CAPABILITY, IMAP_INJECTED, IMAP_STARTTLS_GREETING, MAILBOX_MESSAGE,
-    POP3_INJECTED, POP3_STLS_GREETING, POP3_TLS_GREETING,
+use crate::support::ca::Pki;
+use crate::support::device::{connect, tls_connect, DeviceMode, Legacy, Verify, DEVICE_TIMEOUT};
+use crate::support::lines::{contains, contains_ci, preview, Close, Conn, EndOfStream};
+use crate::support::proxy::{Proxy, Route};
+use crate::support::upstream::{
+    pop3_retr_body, FakeUpstream, MailBehaviour, Mailbox, Service, SessionReport, UpstreamTls,
+    IMAP_CAPABILITY, IMAP_STARTTLS_GREETING, MAILBOX_MESSAGE, POP3_STLS_GREETING,
+    POP3_TLS_GREETING,
 };
+use anyhow::{bail, ensure, Context, Result};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_openssl::SslStream;
@@ -43,17 +41,17 @@ const IMAP_STARTTLS_GREETING_STRIPPED: &str = "* OK fake.m365 IMAP4 service read
 
 /// A tagged IMAP response: the untagged lines (literals included, raw) and the tagged line.
 #[derive(Debug, Default)]
-struct ImapResponse {
-    untagged: Vec<String>,
+pub(crate) struct ImapResponse {
+    pub(crate) untagged: Vec<String>,
     /// The tagged line without the tag and the CRLF, e.g. `OK LOGIN completed.`.
-    status: String,
+    pub(crate) status: String,
     /// Literal data in the untagged lines, in order.
     literals: Vec<Vec<u8>>,
 }
 
 /// An IMAP client over any stream, recording every byte.
-struct ImapClient<S> {
-    conn: Conn<S>,
+pub(crate) struct ImapClient<S> {
+    pub(crate) conn: Conn<S>,
 }
 
 /// The size of a literal announced at the end of `line` (`... {N}\r\n`).
@@ -64,14 +62,14 @@ fn literal_size(line: &[u8]) -> Option<usize> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + EndOfStream> ImapClient<S> {
-    fn new(io: S) -> ImapClient<S> {
+    pub(crate) fn new(io: S) -> ImapClient<S> {
         ImapClient {
             conn: Conn::new(io, DEVICE_TIMEOUT),
         }
     }
 
     /// The next line, CRLF included; an error at EOF.
-    async fn line(&mut self) -> Result<String> {
+    pub(crate) async fn line(&mut self) -> Result<String> {
         match self.conn.read_line().await? {
             Some(line) => Ok(String::from_utf8_lossy(&line).into_owned()),
             None => bail!(
@@ -170,19 +168,19 @@ impl ImapClient<TcpStream> {
 }
 
 /// A POP3 client over any stream, recording every byte.
-struct Pop3Client<S> {
-    conn: Conn<S>,
+pub(crate) struct Pop3Client<S> {
+    pub(crate) conn: Conn<S>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + EndOfStream> Pop3Client<S> {
-    fn new(io: S) -> Pop3Client<S> {
+    pub(crate) fn new(io: S) -> Pop3Client<S> {
         Pop3Client {
             conn: Conn::new(io, DEVICE_TIMEOUT),
         }
     }
 
     /// The next line without CRLF; an error at EOF.
-    async fn line(&mut self) -> Result<String> {
+    pub(crate) async fn line(&mut self) -> Result<String> {
         match self.conn.read_line().await? {
             Some(line) => Ok(String::from_utf8_lossy(&line).trim_end().to_string()),
             None => bail!(
@@ -281,7 +279,7 @@ impl std::fmt::Debug for Transcript {
 
 /// The proxy's pre-TLS IMAP dialog as a careful device walks it: CAPABILITY, a LOGIN and an
 /// AUTHENTICATE that must be refused, then `tag STARTTLS` (whose response is returned).
-async fn imap_pre_tls(
+pub(crate) async fn imap_pre_tls(
     device: &mut ImapClient<TcpStream>,
     starttls_tag: &str,
 ) -> Result<ImapResponse> {
@@ -360,7 +358,7 @@ async fn imap_session(addr: SocketAddr, mode: DeviceMode, verify: &Verify) -> Re
                 .unwrap_or("")
                 .to_string();
             let mut tls = plain.start_tls(legacy, verify).await?;
-            let info = support::device::tls_info(tls.conn.get_ref());
+            let info = crate::support::device::tls_info(tls.conn.get_ref());
             let (capability, fetched, close) = imap_mail(&mut tls).await?;
             Ok(Transcript {
                 greeting,
@@ -374,7 +372,7 @@ async fn imap_session(addr: SocketAddr, mode: DeviceMode, verify: &Verify) -> Re
         }
         DeviceMode::Tls(legacy) => {
             let stream = tls_connect(connect(addr).await?, legacy, verify, "localhost").await?;
-            let info = support::device::tls_info(&stream);
+            let info = crate::support::device::tls_info(&stream);
             let mut tls = ImapClient::new(stream);
             let greeting = tls.line().await.context("greeting")?;
             let (capability, fetched, close) = imap_mail(&mut tls).await?;
@@ -407,7 +405,7 @@ async fn imap_session(addr: SocketAddr, mode: DeviceMode, verify: &Verify) -> Re
 
 /// The proxy's pre-TLS POP3 dialog as a careful device walks it: CAPA, USER and PASS that must
 /// be refused, then STLS (whose status is returned).
-async fn pop3_pre_tls(device: &mut Pop3Client<TcpStream>) -> Result<String> {
+pub(crate) async fn pop3_pre_tls(device: &mut Pop3Client<TcpStream>) -> Result<String> {
     let greeting = device.line().await.context("proxy greeting")?;
     ensure!(
         greeting.starts_with("+OK ") && !greeting.contains("fake.m365"),
@@ -462,7 +460,7 @@ async fn pop3_session(addr: SocketAddr, mode: DeviceMode, verify: &Verify) -> Re
                 .unwrap_or("")
                 .to_string();
             let mut tls = plain.start_tls(legacy, verify).await?;
-            let info = support::device::tls_info(tls.conn.get_ref());
+            let info = crate::support::device::tls_info(tls.conn.get_ref());
             let (capability, fetched, close) = pop3_mail(&mut tls).await?;
             Ok(Transcript {
                 greeting,
@@ -476,7 +474,7 @@ async fn pop3_session(addr: SocketAddr, mode: DeviceMode, verify: &Verify) -> Re
         }
         DeviceMode::Tls(legacy) => {
             let stream = tls_connect(connect(addr).await?, legacy, verify, "localhost").await?;
-            let info = support::device::tls_info(&stream);
+            let info = crate::support::device::tls_info(&stream);
             let mut tls = Pop3Client::new(stream);
             let greeting = tls.line().await.context("greeting")?;
             let (capability, fetched, close) = pop3_mail(&mut tls).await?;
@@ -511,7 +509,7 @@ async fn pop3_session(addr: SocketAddr, mode: DeviceMode, verify: &Verify) -> Re
 // Checks.
 
 /// Nothing the device said before TLS (credentials, pipelined commands) reached the upstream.
-fn assert_no_early_bytes(report: &SessionReport) {
+pub(crate) fn assert_no_early_bytes(report: &SessionReport) {
     assert!(
         report.unexpected_plaintext.is_empty(),
         "the upstream received plaintext outside the proxy's own dialog: {report:?}"
@@ -575,13 +573,8 @@ fn assert_relayed(report: &SessionReport, t: &Transcript, replayed: &str, droppe
     }
 }
 
-fn imap_route(
-    name: &str,
-    device_tls: &str,
-    upstream: &FakeUpstream,
-    upstream_tls: &str,
-) -> RouteSpec {
-    RouteSpec::new(
+fn imap_route(name: &str, device_tls: &str, upstream: &FakeUpstream, upstream_tls: &str) -> Route {
+    Route::new(
         name,
         "imap",
         device_tls,
@@ -590,13 +583,8 @@ fn imap_route(
     )
 }
 
-fn pop3_route(
-    name: &str,
-    device_tls: &str,
-    upstream: &FakeUpstream,
-    upstream_tls: &str,
-) -> RouteSpec {
-    RouteSpec::new(
+fn pop3_route(name: &str, device_tls: &str, upstream: &FakeUpstream, upstream_tls: &str) -> Route {
+    Route::new(
         name,
         "pop3",
         device_tls,
@@ -621,11 +609,11 @@ async fn imap_case(
     device_tls: &str,
     mode: DeviceMode,
 ) -> (Transcript, SessionReport) {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let upstream_tls = match mailbox.leg {
-        support::upstream::Leg::ImplicitTls => "tls",
-        support::upstream::Leg::Starttls => "starttls",
+        crate::support::upstream::Leg::ImplicitTls => "tls",
+        crate::support::upstream::Leg::Starttls => "starttls",
     };
     let mut upstream = start_upstream(&pki, mailbox).await;
     let proxy = Proxy::start(
@@ -650,11 +638,11 @@ async fn pop3_case(
     device_tls: &str,
     mode: DeviceMode,
 ) -> (Transcript, SessionReport) {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let upstream_tls = match mailbox.leg {
-        support::upstream::Leg::ImplicitTls => "tls",
-        support::upstream::Leg::Starttls => "starttls",
+        crate::support::upstream::Leg::ImplicitTls => "tls",
+        crate::support::upstream::Leg::Starttls => "starttls",
     };
     let mut upstream = start_upstream(&pki, mailbox).await;
     let proxy = Proxy::start(
@@ -715,7 +703,7 @@ async fn imap_starttls_to_tls_hides_the_upstream_greeting() {
     .await;
     assert!(t.greeting.starts_with(PROXY_IMAP_GREETING), "{t:?}");
     assert_upstream_imap_capability(&t);
-    assert_relayed(&report, &t, "", support::upstream::IMAP_TLS_GREETING);
+    assert_relayed(&report, &t, "", crate::support::upstream::IMAP_TLS_GREETING);
 }
 
 #[tokio::test]
@@ -839,382 +827,7 @@ async fn pop3_tls_to_starttls_replays_the_pre_tls_greeting() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fail closed: whatever goes wrong upstream, the device gets `* BYE` / `-ERR`, never a silent
-// close, and nothing it says reaches the upstream.
-
-/// A device-side failure check: `first` is the first line the device got, `rest` what followed
-/// until the close.
-fn assert_clean_end(what: &str, rest: &[u8], close: &Close, injected: &[u8]) {
-    assert!(
-        rest.is_empty(),
-        "{what}: nothing after the error: {}",
-        preview(rest)
-    );
-    assert_eq!(*close, Close::Clean, "{what}: then a clean close");
-    assert!(
-        !contains(rest, injected),
-        "{what}: injected upstream bytes reached the device"
-    );
-}
-
-/// Checks a failed upstream session: nothing from the device arrived, no TLS session, plus the
-/// scenario's own check that the failure happened where the test meant it to.
-fn assert_upstream_failed(report: &SessionReport, scenario: fn(&SessionReport)) {
-    assert_no_early_bytes(report);
-    assert!(
-        report.after_tls.is_empty() && !report.tls_established(),
-        "no TLS session may carry anything: {report:?}"
-    );
-    scenario(report);
-}
-
-/// Runs an IMAP device of each mode against routes to a broken upstream at `port`.
-async fn imap_fails_closed(
-    pki: &Pki,
-    port: u16,
-    upstream_tls: &str,
-    mut upstream: Option<FakeUpstream>,
-    scenario: fn(&SessionReport),
-) {
-    let target = format!("localhost:{port}");
-    let proxy = Proxy::start(
-        pki,
-        &[
-            RouteSpec::new("imap", "imap", "starttls", &target, upstream_tls),
-            RouteSpec::new("imaps", "imap", "tls", &target, upstream_tls),
-            RouteSpec::new("plain", "imap", "plain", &target, upstream_tls),
-        ],
-    )
-    .await
-    .expect("start the proxy");
-
-    // starttls: the proxy's dialog, then `* BYE` and a tagged NO in answer to STARTTLS.
-    let mut device = ImapClient::new(connect(proxy.addr("imap")).await.expect("connect"));
-    let start = imap_pre_tls(&mut device, "a4")
-        .await
-        .expect("pre-TLS dialog and a response to STARTTLS");
-    assert!(
-        start.untagged.len() == 1
-            && start.untagged[0].starts_with("* BYE ")
-            && start.status.starts_with("NO "),
-        "STARTTLS must get `* BYE` and a tagged NO when the upstream fails: {start:?}"
-    );
-    let (rest, close) = device.conn.read_to_close().await.expect("the proxy closes");
-    assert_clean_end("starttls device", &rest, &close, IMAP_INJECTED);
-    if let Some(upstream) = upstream.as_mut() {
-        let report = upstream.next_session().await.expect("upstream session");
-        assert_upstream_failed(&report, scenario);
-    }
-
-    // tls: handshake, then `* BYE` as the greeting.
-    let stream = tls_connect(
-        connect(proxy.addr("imaps")).await.expect("connect"),
-        Legacy::Tls10,
-        &proxy.verify(),
-        "localhost",
-    )
-    .await
-    .expect("device handshake on the tls route");
-    let mut device = ImapClient::new(stream);
-    let first = device.line().await.expect("a greeting, not a silent close");
-    assert!(first.starts_with("* BYE "), "tls device: {first:?}");
-    let (rest, close) = device.conn.read_to_close().await.expect("the proxy closes");
-    assert_clean_end("tls device", &rest, &close, IMAP_INJECTED);
-    if let Some(upstream) = upstream.as_mut() {
-        let report = upstream.next_session().await.expect("upstream session");
-        assert_upstream_failed(&report, scenario);
-    }
-
-    // plain: `* BYE` as the greeting.
-    let mut device = ImapClient::new(connect(proxy.addr("plain")).await.expect("connect"));
-    let first = device.line().await.expect("a greeting, not a silent close");
-    assert!(first.starts_with("* BYE "), "plain device: {first:?}");
-    let (rest, close) = device.conn.read_to_close().await.expect("the proxy closes");
-    assert_clean_end("plain device", &rest, &close, IMAP_INJECTED);
-    if let Some(upstream) = upstream.as_mut() {
-        let report = upstream.next_session().await.expect("upstream session");
-        assert_upstream_failed(&report, scenario);
-    }
-}
-
-/// Runs a POP3 device of each mode against routes to a broken upstream at `port`.
-async fn pop3_fails_closed(
-    pki: &Pki,
-    port: u16,
-    upstream_tls: &str,
-    mut upstream: Option<FakeUpstream>,
-    scenario: fn(&SessionReport),
-) {
-    let target = format!("localhost:{port}");
-    let proxy = Proxy::start(
-        pki,
-        &[
-            RouteSpec::new("pop3", "pop3", "starttls", &target, upstream_tls),
-            RouteSpec::new("pop3s", "pop3", "tls", &target, upstream_tls),
-            RouteSpec::new("plain", "pop3", "plain", &target, upstream_tls),
-        ],
-    )
-    .await
-    .expect("start the proxy");
-
-    let mut device = Pop3Client::new(connect(proxy.addr("pop3")).await.expect("connect"));
-    let status = pop3_pre_tls(&mut device)
-        .await
-        .expect("pre-TLS dialog and a reply to STLS");
-    assert!(
-        status.starts_with("-ERR "),
-        "STLS must get -ERR when the upstream fails: {status:?}"
-    );
-    let (rest, close) = device.conn.read_to_close().await.expect("the proxy closes");
-    assert_clean_end("starttls device", &rest, &close, POP3_INJECTED);
-    if let Some(upstream) = upstream.as_mut() {
-        let report = upstream.next_session().await.expect("upstream session");
-        assert_upstream_failed(&report, scenario);
-    }
-
-    let stream = tls_connect(
-        connect(proxy.addr("pop3s")).await.expect("connect"),
-        Legacy::Tls10,
-        &proxy.verify(),
-        "localhost",
-    )
-    .await
-    .expect("device handshake on the tls route");
-    let mut device = Pop3Client::new(stream);
-    let first = device.line().await.expect("a greeting, not a silent close");
-    assert!(first.starts_with("-ERR "), "tls device: {first:?}");
-    let (rest, close) = device.conn.read_to_close().await.expect("the proxy closes");
-    assert_clean_end("tls device", &rest, &close, POP3_INJECTED);
-    if let Some(upstream) = upstream.as_mut() {
-        let report = upstream.next_session().await.expect("upstream session");
-        assert_upstream_failed(&report, scenario);
-    }
-
-    let mut device = Pop3Client::new(connect(proxy.addr("plain")).await.expect("connect"));
-    let first = device.line().await.expect("a greeting, not a silent close");
-    assert!(first.starts_with("-ERR "), "plain device: {first:?}");
-    let (rest, close) = device.conn.read_to_close().await.expect("the proxy closes");
-    assert_clean_end("plain device", &rest, &close, POP3_INJECTED);
-    if let Some(upstream) = upstream.as_mut() {
-        let report = upstream.next_session().await.expect("upstream session");
-        assert_upstream_failed(&report, scenario);
-    }
-}
-
-/// The proxy refused the upstream's certificate during the handshake.
-fn certificate_refused(report: &SessionReport) {
-    assert!(
-        report.tls_error.is_some() && report.sni.as_deref() == Some("localhost"),
-        "the proxy should have failed the upstream TLS handshake: {report:?}"
-    );
-}
-
-/// Same, after a STARTTLS dialog.
-fn certificate_refused_after_starttls(report: &SessionReport) {
-    certificate_refused(report);
-    assert!(
-        contains(&report.plaintext, b"STARTTLS\r\n") || contains(&report.plaintext, b"STLS\r\n"),
-        "{report:?}"
-    );
-}
-
-/// The upstream offered no STARTTLS/STLS: the proxy must not even try it.
-fn starttls_not_attempted(report: &SessionReport) {
-    assert!(
-        contains_ci(&report.plaintext, b"CAPA"),
-        "the proxy should have asked for capabilities: {report:?}"
-    );
-    assert!(
-        !contains(&report.plaintext, b"STARTTLS") && !contains(&report.plaintext, b"STLS"),
-        "the proxy asked for STARTTLS that was not offered: {report:?}"
-    );
-}
-
-/// The proxy asked for STARTTLS/STLS and was refused (or went no further after the go-ahead).
-fn starttls_asked(report: &SessionReport) {
-    assert!(
-        contains(&report.plaintext, b"STARTTLS\r\n") || contains(&report.plaintext, b"STLS\r\n"),
-        "the proxy should have asked for STARTTLS: {report:?}"
-    );
-}
-
-/// After a PREAUTH greeting the session is authenticated in plaintext: nothing may be sent.
-fn nothing_after_preauth(report: &SessionReport) {
-    assert!(
-        report.plaintext.is_empty(),
-        "the proxy sent commands into a PREAUTH (plaintext, authenticated) session: {report:?}"
-    );
-}
-
-#[tokio::test]
-async fn imap_fails_closed_on_unknown_ca() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = FakeUpstream::start(Service::Imap, UpstreamTls::Modern, &pki.unknown_ca)
-        .await
-        .expect("start the fake upstream");
-    let port = upstream.port();
-    imap_fails_closed(&pki, port, "tls", Some(upstream), certificate_refused).await;
-}
-
-#[tokio::test]
-async fn imap_fails_closed_on_unknown_ca_after_starttls() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = FakeUpstream::start(
-        Service::Mailbox(Mailbox::imap_starttls(MailBehaviour::Normal)),
-        UpstreamTls::Modern,
-        &pki.unknown_ca,
-    )
-    .await
-    .expect("start the fake upstream");
-    let port = upstream.port();
-    imap_fails_closed(
-        &pki,
-        port,
-        "starttls",
-        Some(upstream),
-        certificate_refused_after_starttls,
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn imap_fails_closed_when_upstream_down() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let port = dead_port().await.expect("a released port");
-    imap_fails_closed(&pki, port, "tls", None, |_| {}).await;
-}
-
-#[tokio::test]
-async fn imap_fails_closed_without_starttls() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = start_upstream(&pki, Mailbox::imap_starttls(MailBehaviour::NoStartTls)).await;
-    let port = upstream.port();
-    imap_fails_closed(
-        &pki,
-        port,
-        "starttls",
-        Some(upstream),
-        starttls_not_attempted,
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn imap_fails_closed_when_starttls_refused() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = start_upstream(&pki, Mailbox::imap_starttls(MailBehaviour::Refuse)).await;
-    let port = upstream.port();
-    imap_fails_closed(&pki, port, "starttls", Some(upstream), starttls_asked).await;
-}
-
-#[tokio::test]
-async fn imap_fails_closed_on_preauth_greeting_before_starttls() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = start_upstream(&pki, Mailbox::imap_starttls(MailBehaviour::Preauth)).await;
-    let port = upstream.port();
-    imap_fails_closed(
-        &pki,
-        port,
-        "starttls",
-        Some(upstream),
-        nothing_after_preauth,
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn imap_fails_closed_on_bytes_injected_after_the_tagged_ok() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = start_upstream(
-        &pki,
-        Mailbox::imap_starttls(MailBehaviour::InjectAfterReady),
-    )
-    .await;
-    let port = upstream.port();
-    imap_fails_closed(&pki, port, "starttls", Some(upstream), starttls_asked).await;
-}
-
-#[tokio::test]
-async fn pop3_fails_closed_on_unknown_ca() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = FakeUpstream::start(Service::Pop3, UpstreamTls::Modern, &pki.unknown_ca)
-        .await
-        .expect("start the fake upstream");
-    let port = upstream.port();
-    pop3_fails_closed(&pki, port, "tls", Some(upstream), certificate_refused).await;
-}
-
-#[tokio::test]
-async fn pop3_fails_closed_on_unknown_ca_after_stls() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = FakeUpstream::start(
-        Service::Mailbox(Mailbox::pop3_stls(MailBehaviour::Normal)),
-        UpstreamTls::Modern,
-        &pki.unknown_ca,
-    )
-    .await
-    .expect("start the fake upstream");
-    let port = upstream.port();
-    pop3_fails_closed(
-        &pki,
-        port,
-        "starttls",
-        Some(upstream),
-        certificate_refused_after_starttls,
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn pop3_fails_closed_when_upstream_down() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let port = dead_port().await.expect("a released port");
-    pop3_fails_closed(&pki, port, "tls", None, |_| {}).await;
-}
-
-#[tokio::test]
-async fn pop3_fails_closed_without_stls() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = start_upstream(&pki, Mailbox::pop3_stls(MailBehaviour::NoStartTls)).await;
-    let port = upstream.port();
-    pop3_fails_closed(
-        &pki,
-        port,
-        "starttls",
-        Some(upstream),
-        starttls_not_attempted,
-    )
-    .await;
-}
-
-#[tokio::test]
-async fn pop3_fails_closed_when_stls_refused() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = start_upstream(&pki, Mailbox::pop3_stls(MailBehaviour::Refuse)).await;
-    let port = upstream.port();
-    pop3_fails_closed(&pki, port, "starttls", Some(upstream), starttls_asked).await;
-}
-
-#[tokio::test]
-async fn pop3_fails_closed_on_bytes_injected_after_the_ok() {
-    support::init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = start_upstream(&pki, Mailbox::pop3_stls(MailBehaviour::InjectAfterReady)).await;
-    let port = upstream.port();
-    pop3_fails_closed(&pki, port, "starttls", Some(upstream), starttls_asked).await;
-}
+// Fail closed: the table of upstream failures is in `fail_closed`.
 
 // ---------------------------------------------------------------------------------------------
 // Injection from the device: a command pipelined behind STARTTLS/STLS never reaches the
@@ -1222,7 +835,7 @@ async fn pop3_fails_closed_on_bytes_injected_after_the_ok() {
 
 /// `a STARTTLS\r\na LOGIN x y\r\n` in one write, then a normal session inside TLS.
 async fn imap_pipelined_login_is_discarded(mailbox: Mailbox, upstream_tls: &str, dropped: &str) {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let mut upstream = start_upstream(&pki, mailbox).await;
     let proxy = Proxy::start(
@@ -1248,7 +861,7 @@ async fn imap_pipelined_login_is_discarded(mailbox: Mailbox, upstream_tls: &str,
         .start_tls(Legacy::Tls10, &proxy.verify())
         .await
         .expect("TLS after STARTTLS, with no plaintext reply to the LOGIN in between");
-    let info = support::device::tls_info(tls.conn.get_ref());
+    let info = crate::support::device::tls_info(tls.conn.get_ref());
     let (capability, fetched, close) = imap_mail(&mut tls)
         .await
         .expect("session inside TLS: replies must not be shifted by a reply to the LOGIN");
@@ -1275,7 +888,7 @@ async fn imap_pipelined_login_after_starttls_is_discarded_to_tls() {
     imap_pipelined_login_is_discarded(
         Mailbox::imap_tls(),
         "tls",
-        support::upstream::IMAP_TLS_GREETING,
+        crate::support::upstream::IMAP_TLS_GREETING,
     )
     .await;
 }
@@ -1292,7 +905,7 @@ async fn imap_pipelined_login_after_starttls_is_discarded_to_starttls() {
 
 /// `STLS\r\nUSER x\r\n` in one write, then a normal session inside TLS.
 async fn pop3_pipelined_user_is_discarded(mailbox: Mailbox, upstream_tls: &str, dropped: &str) {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let mut upstream = start_upstream(&pki, mailbox).await;
     let proxy = Proxy::start(
@@ -1315,7 +928,7 @@ async fn pop3_pipelined_user_is_discarded(mailbox: Mailbox, upstream_tls: &str, 
         .start_tls(Legacy::Tls10, &proxy.verify())
         .await
         .expect("TLS after STLS, with no plaintext reply to the USER in between");
-    let info = support::device::tls_info(tls.conn.get_ref());
+    let info = crate::support::device::tls_info(tls.conn.get_ref());
     let (capability, fetched, close) = pop3_mail(&mut tls)
         .await
         .expect("session inside TLS: replies must not be shifted by a reply to the USER");

@@ -75,7 +75,6 @@ pub enum SmtpBehaviour {
 pub const SMTP_BANNER: &str = "220 fake.m365 ESMTP\r\n";
 pub const INJECTED: &[u8] = b"250 injected\r\n";
 
-#[allow(dead_code)]
 impl Smtp {
     pub fn new(behaviour: SmtpBehaviour) -> Smtp {
         Smtp {
@@ -173,7 +172,6 @@ Your scan job has been delivered.\r\n\
 ..and one with two\r\n\
 caf\xc3\xa9 8-bit bytes\r\n";
 
-#[allow(dead_code)]
 impl Mailbox {
     fn new(protocol: MailProtocol, leg: Leg, behaviour: MailBehaviour) -> Mailbox {
         let greeting = match (protocol, leg) {
@@ -273,16 +271,12 @@ pub struct SessionReport {
     pub outcome: String,
 }
 
-#[allow(dead_code)]
 impl SessionReport {
     pub fn tls_established(&self) -> bool {
         self.tls_version.is_some()
     }
     pub fn after_tls_text(&self) -> String {
         String::from_utf8_lossy(&self.after_tls).into_owned()
-    }
-    pub fn plaintext_text(&self) -> String {
-        String::from_utf8_lossy(&self.plaintext).into_owned()
     }
 }
 
@@ -333,7 +327,6 @@ impl Drop for FakeUpstream {
     }
 }
 
-#[allow(dead_code)]
 impl FakeUpstream {
     /// Binds 127.0.0.1:0 and serves `service` with the given TLS and certificate.
     pub async fn start(service: Service, tls: UpstreamTls, leaf: &Leaf) -> Result<FakeUpstream> {
@@ -431,7 +424,6 @@ impl FakeUpstream {
 }
 
 /// A port that was bound and released: connecting to it is refused.
-#[allow(dead_code)]
 pub async fn dead_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await

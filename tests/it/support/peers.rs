@@ -13,10 +13,6 @@ use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::TcpStream;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-
-use super::ca::Pki;
 
 /// Bound on one run of a client program.
 pub const PROGRAM_TIMEOUT: Duration = Duration::from_secs(40);
@@ -287,118 +283,5 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
-    }
-}
-
-/// A `[[route]]` with every key the tests may need; it always listens on 127.0.0.1:0.
-#[derive(Clone, Debug)]
-pub struct FullRoute {
-    pub name: String,
-    pub protocol: String,
-    pub device_tls: String,
-    pub upstream: String,
-    pub upstream_tls: String,
-    pub sni_allow: Vec<String>,
-}
-
-/// tlsbridge running in-process with `device_tls.names` and routes of the test's choosing.
-/// Dropping it signals shutdown.
-pub struct Bridge {
-    pub dir: tempfile::TempDir,
-    addrs: Vec<(String, SocketAddr)>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<()>>>,
-}
-
-fn quoted(value: &str) -> String {
-    serde_json::to_string(value).unwrap_or_else(|_| format!("{value:?}"))
-}
-
-fn quoted_list<S: AsRef<str>>(values: &[S]) -> String {
-    let items: Vec<String> = values.iter().map(|v| quoted(v.as_ref())).collect();
-    format!("[{}]", items.join(", "))
-}
-
-impl Bridge {
-    pub async fn start(pki: &Pki, names: &[&str], routes: &[FullRoute]) -> Result<Bridge> {
-        let dir = tempfile::tempdir().context("tempdir for the proxy")?;
-        let base = dir.path();
-        let path = |p: &Path| quoted(&p.display().to_string());
-        let mut toml = String::new();
-        let _ = writeln!(toml, "state_dir = {}", path(&base.join("state")));
-        let _ = writeln!(toml, "[log]\nlevel = \"debug\"");
-        let _ = writeln!(toml, "[admin]\nlisten = \"\"");
-        let _ = writeln!(toml, "[device_tls]");
-        let _ = writeln!(toml, "cert = {}", path(&base.join("certs/tlsbridge.crt")));
-        let _ = writeln!(toml, "key = {}", path(&base.join("certs/tlsbridge.key")));
-        let _ = writeln!(toml, "names = {}", quoted_list(names));
-        let _ = writeln!(toml, "handshake_timeout = \"10s\"");
-        let _ = writeln!(toml, "[upstream_tls]");
-        let _ = writeln!(toml, "extra_roots = [{}]", path(&pki.ca_path));
-        let _ = writeln!(toml, "connect_timeout = \"5s\"");
-        for route in routes {
-            let _ = writeln!(toml, "[[route]]");
-            let _ = writeln!(toml, "name = {}", quoted(&route.name));
-            let _ = writeln!(toml, "listen = \"127.0.0.1:0\"");
-            let _ = writeln!(toml, "protocol = {}", quoted(&route.protocol));
-            let _ = writeln!(toml, "device_tls = {}", quoted(&route.device_tls));
-            let _ = writeln!(toml, "upstream = {}", quoted(&route.upstream));
-            let _ = writeln!(toml, "upstream_tls = {}", quoted(&route.upstream_tls));
-            if !route.sni_allow.is_empty() {
-                let _ = writeln!(toml, "sni_allow = {}", quoted_list(&route.sni_allow));
-            }
-        }
-        let config_path = base.join("tlsbridge.toml");
-        std::fs::write(&config_path, &toml).context("write the proxy config")?;
-        let config = tlsbridge::config::Config::load_from(
-            Some(&config_path),
-            std::iter::empty::<(String, String)>(),
-        )
-        .with_context(|| format!("load the proxy config:\n{toml}"))?;
-        let server = tlsbridge::server::Server::bind(config)
-            .await
-            .context("bind the proxy")?;
-        let mut addrs = Vec::new();
-        for route in routes {
-            let addr = server
-                .local_addr(&route.name)
-                .with_context(|| format!("no local address for route {}", route.name))?;
-            addrs.push((route.name.clone(), addr));
-        }
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = rx.await;
-        }));
-        Ok(Bridge {
-            dir,
-            addrs,
-            shutdown: Some(tx),
-            task: Some(task),
-        })
-    }
-
-    /// The listening address of route `name`.
-    pub fn addr(&self, name: &str) -> SocketAddr {
-        self.addrs
-            .iter()
-            .find(|(route, _)| route == name)
-            .map(|(_, addr)| *addr)
-            .unwrap_or_else(|| panic!("the test proxy has no route {name:?}"))
-    }
-
-    /// The CA that signed the proxy's device certificate.
-    pub fn device_ca(&self) -> PathBuf {
-        self.dir.path().join("certs/ca.crt")
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
     }
 }

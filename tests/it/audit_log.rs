@@ -2,18 +2,15 @@
 //! `legacy_client` and `session_closed` with the contract's fields and exact byte counts, no
 //! secrets anywhere; and stalled devices closed after `device_tls.handshake_timeout`.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::ca::Pki;
+use crate::support::device::{connect, tls_info, Legacy, Mail, SmtpClient, Verify};
+use crate::support::lines::Close;
+use crate::support::ops::{self, base64, field, is_audit, number, read_until_closed, Process};
+use crate::support::proxy::{Route, Settings};
+use crate::support::upstream::{FakeUpstream, SmtpBehaviour};
 use serde_json::Value;
-use support::ca::Pki;
-use support::device::{connect, tls_info, Legacy, Mail, SmtpClient, Verify};
-use support::lines::Close;
-use support::ops::{
-    self, base64, field, is_audit, number, read_until_closed, Process, Route, Settings,
-};
-use support::upstream::{FakeUpstream, SmtpBehaviour};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -28,18 +25,25 @@ async fn normal_upstream(pki: &Pki) -> FakeUpstream {
         .expect("start the fake upstream")
 }
 
-/// The one audit event `name` whose `peer` is `peer`, waited for; fails if there are two.
-async fn audit_event(process: &Process, name: &str, peer: &str) -> Value {
+/// Whether `event` is the audit event `name` of the device at `peer` on `route`. Both must
+/// match: devices of different routes may share a port.
+fn is_session_event(event: &Value, name: &str, route: &str, peer: &str) -> bool {
+    is_audit(event, name) && field(event, "route") == route && field(event, "peer") == peer
+}
+
+/// The one audit event `name` of the device at `peer` on `route`, waited for; fails if there
+/// are two.
+async fn audit_event(process: &Process, name: &str, route: &str, peer: &str) -> Value {
     let event = process
-        .wait_event(&format!("{name} for {peer}"), EVENT_LIMIT, |e| {
-            is_audit(e, name) && field(e, "peer") == peer
+        .wait_event(&format!("{name} for {peer} on {route}"), EVENT_LIMIT, |e| {
+            is_session_event(e, name, route, peer)
         })
         .await
         .expect("audit event");
     let count = process
         .events()
         .iter()
-        .filter(|e| is_audit(e, name) && field(e, "peer") == peer)
+        .filter(|e| is_session_event(e, name, route, peer))
         .count();
     assert_eq!(count, 1, "one {name} per session:\n{}", process.output());
     event
@@ -106,7 +110,7 @@ async fn the_json_log_records_the_legacy_session_exactly_and_no_secrets() {
         "the credentials reached the upstream: {report:?}"
     );
 
-    let legacy = audit_event(&process, "legacy_client", &local).await;
+    let legacy = audit_event(&process, "legacy_client", "smtp", &local).await;
     assert_eq!(field(&legacy, "level"), "INFO", "{legacy}");
     assert_eq!(field(&legacy, "target"), "tlsbridge::audit", "{legacy}");
     assert_eq!(field(&legacy, "route"), "smtp", "{legacy}");
@@ -119,7 +123,7 @@ async fn the_json_log_records_the_legacy_session_exactly_and_no_secrets() {
     assert_eq!(field(&legacy, "protocol"), "smtp", "{legacy}");
     assert_eq!(field(&legacy, "upstream"), upstream.host_port(), "{legacy}");
 
-    let closed = audit_event(&process, "session_closed", &local).await;
+    let closed = audit_event(&process, "session_closed", "smtp", &local).await;
     assert_eq!(field(&closed, "target"), "tlsbridge::audit", "{closed}");
     for (key, want) in [
         ("route", "smtp"),
@@ -183,18 +187,25 @@ async fn the_json_log_records_the_legacy_session_exactly_and_no_secrets() {
 #[derive(Debug)]
 struct Stalled {
     what: &'static str,
+    route: &'static str,
     local: String,
     after: Duration,
     got: Vec<u8>,
 }
 
-async fn stall(what: &'static str, mut tcp: TcpStream, started: Instant) -> Stalled {
+async fn stall(
+    what: &'static str,
+    route: &'static str,
+    mut tcp: TcpStream,
+    started: Instant,
+) -> Stalled {
     let local = tcp.local_addr().expect("local").to_string();
     let (got, _) = read_until_closed(&mut tcp, Duration::from_secs(8))
         .await
         .unwrap_or_else(|err| panic!("{what}: {err:#}"));
     Stalled {
         what,
+        route,
         local,
         after: started.elapsed(),
         got,
@@ -210,13 +221,13 @@ async fn stalled_devices(process: &Process) -> Vec<Stalled> {
     let silent = async {
         let started = Instant::now();
         let tcp = connect(tls).await.expect("connect");
-        stall("tls route, nothing sent", tcp, started).await
+        stall("tls route, nothing sent", "smtps", tcp, started).await
     };
     let partial = async {
         let started = Instant::now();
         let mut tcp = connect(tls).await.expect("connect");
         tcp.write_all(PARTIAL_CLIENT_HELLO).await.expect("write");
-        stall("tls route, partial ClientHello", tcp, started).await
+        stall("tls route, partial ClientHello", "smtps", tcp, started).await
     };
     let mid_dialog = async {
         let started = Instant::now();
@@ -228,7 +239,7 @@ async fn stalled_devices(process: &Process) -> Vec<Stalled> {
             .await
             .expect("EHLO");
         let (tcp, _) = device.conn.into_inner();
-        stall("starttls route, silent after EHLO", tcp, started).await
+        stall("starttls route, silent after EHLO", "smtp", tcp, started).await
     };
     let no_handshake = async {
         let started = Instant::now();
@@ -241,7 +252,13 @@ async fn stalled_devices(process: &Process) -> Vec<Stalled> {
             .expect("EHLO");
         device.expect("STARTTLS", 220).await.expect("STARTTLS");
         let (tcp, _) = device.conn.into_inner();
-        stall("starttls route, no handshake after 220", tcp, started).await
+        stall(
+            "starttls route, no handshake after 220",
+            "smtp",
+            tcp,
+            started,
+        )
+        .await
     };
     let (a, b, c, d) = tokio::join!(silent, partial, mid_dialog, no_handshake);
     vec![a, b, c, d]
@@ -276,7 +293,7 @@ async fn stalled_devices_are_closed_after_the_handshake_timeout() {
             stalled.what,
             stalled.after
         );
-        let event = audit_event(&process, "session_closed", &stalled.local).await;
+        let event = audit_event(&process, "session_closed", stalled.route, &stalled.local).await;
         assert_eq!(
             field(&event, "outcome"),
             "device_timeout",
@@ -285,10 +302,12 @@ async fn stalled_devices_are_closed_after_the_handshake_timeout() {
             String::from_utf8_lossy(&stalled.got)
         );
         assert!(
-            !process
-                .events()
-                .iter()
-                .any(|e| is_audit(e, "legacy_client") && field(e, "peer") == stalled.local),
+            !process.events().iter().any(|e| is_session_event(
+                e,
+                "legacy_client",
+                stalled.route,
+                &stalled.local
+            )),
             "{}: no legacy_client for a device leg that never came up",
             stalled.what
         );
@@ -306,7 +325,7 @@ async fn stalled_devices_count_as_device_handshake_failures() {
     let (_upstream, process) = stalled_setup(&pki, &dir).await;
     let stalled = stalled_devices(&process).await;
     for s in &stalled {
-        audit_event(&process, "session_closed", &s.local).await;
+        audit_event(&process, "session_closed", s.route, &s.local).await;
     }
     let metrics = ops::scrape(process.admin()).await.expect("metrics");
     let count = |route: &str| {

@@ -2,23 +2,22 @@
 //! codes), `tlsbridge inventory` against a running instance, connection limits and the PROXY
 //! protocol. Real sockets on 127.0.0.1:0, real TLS on both legs.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde_json::Value;
-use support::ca::Pki;
-use support::device::{
+use crate::support::ca::Pki;
+use crate::support::device::{
     connect, smtp_session, DeviceMode, Legacy, Mail, SmtpClient, Verify, DEVICE_EHLO,
 };
-use support::lines::Close;
-use support::ops::{
+use crate::support::lines::Close;
+use crate::support::ops::{
     self, field, is_audit, number, read_until_closed, scrape, scrape_until, series, Exposition,
-    InProcess, Process, Route, Series, Settings,
+    Process, Series,
 };
-use support::upstream::{FakeUpstream, SmtpBehaviour};
+use crate::support::proxy::{Proxy, Route, Settings};
+use crate::support::upstream::{FakeUpstream, SmtpBehaviour};
+use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -81,10 +80,10 @@ fn the_exposition_parser_is_strict() {
 
 #[tokio::test]
 async fn a_legacy_session_moves_the_metrics_by_exactly_what_happened() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let mut upstream = normal_upstream(&pki).await;
-    let proxy = InProcess::start(&Settings::new(
+    let proxy = Proxy::start_with(&Settings::new(
         &pki,
         vec![Route::smtp("smtp", "starttls", upstream.port())],
     ))
@@ -164,12 +163,12 @@ async fn a_legacy_session_moves_the_metrics_by_exactly_what_happened() {
 
 #[tokio::test]
 async fn an_upstream_with_an_unknown_ca_counts_a_certificate_failure() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let mut upstream = FakeUpstream::smtp(SmtpBehaviour::Normal, &pki.unknown_ca)
         .await
         .expect("start the fake upstream");
-    let proxy = InProcess::start(&Settings::new(
+    let proxy = Proxy::start_with(&Settings::new(
         &pki,
         vec![Route::smtp("bad", "starttls", upstream.port())],
     ))
@@ -219,10 +218,10 @@ async fn an_upstream_with_an_unknown_ca_counts_a_certificate_failure() {
 
 #[tokio::test]
 async fn an_acl_refusal_is_counted_and_never_reaches_the_upstream() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let upstream = normal_upstream(&pki).await;
-    let proxy = InProcess::start(&Settings::new(
+    let proxy = Proxy::start_with(&Settings::new(
         &pki,
         vec![Route::smtp("acl", "starttls", upstream.port()).allow(&["10.0.0.0/8"])],
     ))
@@ -263,10 +262,10 @@ async fn an_acl_refusal_is_counted_and_never_reaches_the_upstream() {
 
 #[tokio::test]
 async fn the_admin_endpoint_answers_known_paths_and_methods_only() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let upstream = normal_upstream(&pki).await;
-    let proxy = InProcess::start(&Settings::new(
+    let proxy = Proxy::start_with(&Settings::new(
         &pki,
         vec![Route::smtp("smtp", "starttls", upstream.port())],
     ))
@@ -325,10 +324,10 @@ fn assert_device_entry(entry: &Value, cipher: &str, ehlo: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_and_the_inventory_command_show_the_legacy_device() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let upstream = normal_upstream(&pki).await;
-    let proxy = InProcess::start(&Settings::new(
+    let proxy = Proxy::start_with(&Settings::new(
         &pki,
         vec![Route::smtp("smtp", "starttls", upstream.port())],
     ))
@@ -409,10 +408,10 @@ async fn clients_and_the_inventory_command_show_the_legacy_device() {
 /// A device on implicit TLS says EHLO inside TLS: the inventory still learns its name.
 #[tokio::test]
 async fn the_inventory_learns_the_ehlo_name_of_an_implicit_tls_device() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let upstream = normal_upstream(&pki).await;
-    let proxy = InProcess::start(&Settings::new(
+    let proxy = Proxy::start_with(&Settings::new(
         &pki,
         vec![Route::smtp("smtps", "tls", upstream.port())],
     ))
@@ -467,12 +466,12 @@ async fn quit(mut device: SmtpClient<TcpStream>) {
 
 #[tokio::test]
 async fn max_connections_refuses_with_421_until_a_place_frees_up() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let upstream = normal_upstream(&pki).await;
     let mut settings = Settings::new(&pki, vec![Route::smtp("smtp", "starttls", upstream.port())]);
-    settings.max_connections = 1;
-    let proxy = InProcess::start(&settings).await.expect("start the proxy");
+    settings.max_connections = Some(1);
+    let proxy = Proxy::start_with(&settings).await.expect("start the proxy");
     let addr = proxy.addr("smtp");
     let before = scrape(proxy.admin()).await.expect("first scrape");
 
@@ -516,12 +515,12 @@ async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
 
 #[tokio::test]
 async fn max_connections_per_ip_refuses_the_same_address_only() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let upstream = normal_upstream(&pki).await;
     let mut settings = Settings::new(&pki, vec![Route::smtp("smtp", "starttls", upstream.port())]);
-    settings.max_connections_per_ip = 1;
-    let proxy = InProcess::start(&settings).await.expect("start the proxy");
+    settings.max_connections_per_ip = Some(1);
+    let proxy = Proxy::start_with(&settings).await.expect("start the proxy");
     let addr = proxy.addr("smtp");
 
     let mut first = SmtpClient::new(connect_from("127.0.0.1", addr).await);

@@ -2,14 +2,13 @@
 //! backs off instead of spinning on the error, and takes connections again once descriptors
 //! are free.
 
-mod support;
-
 use std::time::Duration;
 
-use support::ca::Pki;
-use support::ops::{Process, Route, Settings};
-use support::peers;
-use support::upstream::{FakeUpstream, SmtpBehaviour};
+use crate::support::ca::Pki;
+use crate::support::ops::Process;
+use crate::support::peers;
+use crate::support::proxy::{Route, Settings};
+use crate::support::upstream::{FakeUpstream, SmtpBehaviour};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -43,7 +42,7 @@ async fn banner_within(tcp: &mut TcpStream, limit: Duration) -> bool {
 
 #[tokio::test]
 async fn accept_errors_back_off_and_recover() {
-    support::init_logging();
+    crate::support::init_logging();
     if !peers::require("prlimit", &["--version"]) {
         return;
     }

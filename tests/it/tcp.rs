@@ -1,18 +1,16 @@
 //! Opaque TCP routes: implicit TLS on both legs, bytes relayed untouched, half-close carried.
 
-mod support;
-
 use std::time::Duration;
 
-use rand::Rng;
-use sha2::{Digest, Sha256};
-use support::ca::Pki;
-use support::device::{
+use crate::support::ca::Pki;
+use crate::support::device::{
     connect, tls_connect, write_shutdown_read, write_shutdown_read_concurrently, Legacy,
 };
-use support::lines::Close;
-use support::proxy::{Proxy, RouteSpec};
-use support::upstream::{EchoMode, FakeUpstream, Service, UpstreamTls};
+use crate::support::lines::Close;
+use crate::support::proxy::{Proxy, Route};
+use crate::support::upstream::{EchoMode, FakeUpstream, Service, UpstreamTls};
+use rand::Rng;
+use sha2::{Digest, Sha256};
 
 const PAYLOAD: usize = 16 << 20;
 /// Generous for a debug build on two cores; only a guard against hanging.
@@ -37,7 +35,7 @@ async fn echo_setup(pki: &Pki, mode: EchoMode) -> (FakeUpstream, Proxy) {
         .expect("start the echo upstream");
     let proxy = Proxy::start(
         pki,
-        &[RouteSpec::new(
+        &[Route::new(
             "https",
             "tcp",
             "tls",
@@ -55,7 +53,7 @@ async fn echo_setup(pki: &Pki, mode: EchoMode) -> (FakeUpstream, Proxy) {
 /// and the other direction stays open until the upstream is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_16mib_round_trip_with_half_close() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, proxy) = echo_setup(&pki, EchoMode::AfterEof).await;
     let payload = random_payload();
@@ -101,7 +99,7 @@ async fn tcp_16mib_round_trip_with_half_close() {
 /// Same payload with a streaming echo and a device that reads while it writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_16mib_streaming_echo() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, proxy) = echo_setup(&pki, EchoMode::Streaming).await;
     let payload = random_payload();
@@ -130,7 +128,7 @@ async fn tcp_16mib_streaming_echo() {
 /// like a clean end to the device: it gets the bytes, then an end without close_notify.
 #[tokio::test]
 async fn tcp_truncated_upstream_is_not_a_clean_close() {
-    support::init_logging();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     const SENT: usize = 4096;
     let (mut upstream, proxy) = echo_setup(&pki, EchoMode::AbortAfter(SENT)).await;
@@ -140,7 +138,7 @@ async fn tcp_truncated_upstream_is_not_a_clean_close() {
     let stream = tls_connect(tcp, Legacy::Tls10, &proxy.verify(), "localhost")
         .await
         .expect("TLS 1.0 device handshake");
-    let mut device = support::lines::Conn::new(stream, Duration::from_secs(15));
+    let mut device = crate::support::lines::Conn::new(stream, Duration::from_secs(15));
     device.write_all(&payload).await.expect("device write");
     let (received, close) = device
         .read_to_close()

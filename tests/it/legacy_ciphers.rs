@@ -5,10 +5,10 @@
 //! TLS 1.2+ upstream and back. Without it, a configuration naming those suites or SSLv3 is refused
 //! at start-up with a message that names the feature.
 //!
-//!   CARGO_TARGET_DIR=target/legacy cargo test --locked --features legacy-ciphers --test legacy_ciphers
+//!   CARGO_TARGET_DIR=target/legacy cargo test --locked --features legacy-ciphers --test it legacy_ciphers::
 //!
-//! Self-contained (no `tests/support`): an rcgen CA and leaf for the upstream, a rustls echo
-//! upstream, and the proxy started in-process from a TOML file in a tempdir.
+//! Self-contained (it uses nothing from `support`): an rcgen CA and leaf for the upstream, a
+//! rustls echo upstream, and the proxy started in-process from a TOML file in a tempdir.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,29 +1,27 @@
-//! Helpers for the operations tests: a configuration with every operational knob (admin
-//! endpoint, limits, ACL, PROXY protocol, timeouts), tlsbridge in-process with its admin address,
-//! the real binary with its JSON log read line by line, a Prometheus text parser, a small HTTP
-//! client for the admin endpoint, signals and the CLI.
+//! Helpers for the operations tests: the real binary started from a [`Settings`], with its JSON
+//! log read line by line, signals and the CLI; a small HTTP client for the admin endpoint and a
+//! Prometheus text parser. (tlsbridge in-process is `proxy::Proxy`.)
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout_at, Instant};
 
-use super::ca::Pki;
 use super::device::{self, Legacy, Mail, SmtpClient, Verify};
 use super::lines::Close;
 use super::peers::{self, Output};
+use super::proxy::Settings;
 
 /// Bound on a process start (certificate generation included) and on most single waits.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -33,279 +31,6 @@ pub const POLL_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Pause between two polls of a condition the proxy reaches on its own.
 const POLL_EVERY: Duration = Duration::from_millis(20);
-
-/// One `[[route]]`; it always listens on 127.0.0.1:0.
-#[derive(Clone, Debug)]
-pub struct Route {
-    pub name: String,
-    pub protocol: String,
-    pub device_tls: String,
-    pub upstream: String,
-    pub upstream_tls: String,
-    /// `None`: the default ACL (loopback and private ranges).
-    pub allow: Option<Vec<String>>,
-    pub proxy_protocol: bool,
-    pub proxy_from: Vec<String>,
-    /// `sni_allow`; empty: not written.
-    pub sni_allow: Vec<String>,
-}
-
-impl Route {
-    /// SMTP with device `device_tls` (starttls, tls, plain) to a STARTTLS upstream at
-    /// `localhost:port`.
-    pub fn smtp(name: &str, device_tls: &str, port: u16) -> Route {
-        Route {
-            name: name.to_string(),
-            protocol: "smtp".to_string(),
-            device_tls: device_tls.to_string(),
-            upstream: format!("localhost:{port}"),
-            upstream_tls: "starttls".to_string(),
-            allow: None,
-            proxy_protocol: false,
-            proxy_from: Vec::new(),
-            sni_allow: Vec::new(),
-        }
-    }
-
-    /// A `tcp` route with device `device_tls` to `upstream` (`host:port` or `sni:port`) over
-    /// implicit TLS.
-    pub fn tcp(name: &str, device_tls: &str, upstream: &str) -> Route {
-        Route {
-            protocol: "tcp".to_string(),
-            upstream: upstream.to_string(),
-            upstream_tls: "tls".to_string(),
-            ..Route::smtp(name, device_tls, 0)
-        }
-    }
-
-    /// Sets `sni_allow`.
-    pub fn sni_allow(mut self, names: &[&str]) -> Route {
-        self.sni_allow = names.iter().map(|n| n.to_string()).collect();
-        self
-    }
-
-    /// Replaces the ACL.
-    pub fn allow(mut self, nets: &[&str]) -> Route {
-        self.allow = Some(nets.iter().map(|n| n.to_string()).collect());
-        self
-    }
-
-    /// Expects a PROXY protocol header from peers in `from`.
-    pub fn proxy_from(mut self, from: &[&str]) -> Route {
-        self.proxy_protocol = true;
-        self.proxy_from = from.iter().map(|n| n.to_string()).collect();
-        self
-    }
-}
-
-/// Everything the operations tests set in a configuration file.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    /// `admin.listen`: `"127.0.0.1:0"`, an address, or `""` (disabled).
-    pub admin: String,
-    pub log_level: String,
-    pub handshake_timeout: String,
-    pub max_connections: usize,
-    pub max_connections_per_ip: usize,
-    pub drain_timeout: String,
-    /// `state_save_interval`: how often the inventory is written.
-    pub state_save_interval: String,
-    pub extra_roots: Vec<PathBuf>,
-    /// `device_tls.names`: the names on the device certificate.
-    pub names: Vec<String>,
-    pub routes: Vec<Route>,
-}
-
-fn quoted(value: &str) -> String {
-    // A JSON string is a valid TOML basic string.
-    serde_json::to_string(value).unwrap_or_else(|_| format!("{value:?}"))
-}
-
-fn quoted_path(path: &Path) -> String {
-    quoted(&path.display().to_string())
-}
-
-fn quoted_list<S: AsRef<str>>(values: &[S]) -> String {
-    let items: Vec<String> = values.iter().map(|v| quoted(v.as_ref())).collect();
-    format!("[{}]", items.join(", "))
-}
-
-impl Settings {
-    /// Admin endpoint on 127.0.0.1:0, generous limits, the test CA as the upstream root.
-    pub fn new(pki: &Pki, routes: Vec<Route>) -> Settings {
-        Settings {
-            admin: "127.0.0.1:0".to_string(),
-            log_level: "debug".to_string(),
-            handshake_timeout: "10s".to_string(),
-            max_connections: 100,
-            max_connections_per_ip: 0,
-            drain_timeout: "10s".to_string(),
-            state_save_interval: "1m".to_string(),
-            extra_roots: vec![pki.ca_path.clone()],
-            names: vec!["localhost".to_string()],
-            routes,
-        }
-    }
-
-    /// The TOML, with `state_dir` and the device certificate under `dir`.
-    pub fn toml(&self, dir: &Path) -> String {
-        let mut toml = String::new();
-        let _ = writeln!(toml, "state_dir = {}", quoted_path(&dir.join("state")));
-        let _ = writeln!(
-            toml,
-            "state_save_interval = {}",
-            quoted(&self.state_save_interval)
-        );
-        let _ = writeln!(toml, "\n[log]\nlevel = {}", quoted(&self.log_level));
-        let _ = writeln!(toml, "\n[admin]\nlisten = {}", quoted(&self.admin));
-        let _ = writeln!(toml, "\n[device_tls]");
-        let _ = writeln!(
-            toml,
-            "cert = {}",
-            quoted_path(&dir.join("certs/tlsbridge.crt"))
-        );
-        let _ = writeln!(
-            toml,
-            "key = {}",
-            quoted_path(&dir.join("certs/tlsbridge.key"))
-        );
-        let _ = writeln!(toml, "names = {}", quoted_list(&self.names));
-        let _ = writeln!(
-            toml,
-            "handshake_timeout = {}",
-            quoted(&self.handshake_timeout)
-        );
-        let _ = writeln!(toml, "\n[upstream_tls]");
-        let roots: Vec<String> = self
-            .extra_roots
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
-        let _ = writeln!(toml, "extra_roots = {}", quoted_list(&roots));
-        let _ = writeln!(toml, "connect_timeout = \"5s\"");
-        let _ = writeln!(toml, "\n[limits]");
-        let _ = writeln!(toml, "max_connections = {}", self.max_connections);
-        let _ = writeln!(
-            toml,
-            "max_connections_per_ip = {}",
-            self.max_connections_per_ip
-        );
-        let _ = writeln!(toml, "drain_timeout = {}", quoted(&self.drain_timeout));
-        for route in &self.routes {
-            let _ = writeln!(toml, "\n[[route]]");
-            let _ = writeln!(toml, "name = {}", quoted(&route.name));
-            let _ = writeln!(toml, "listen = \"127.0.0.1:0\"");
-            let _ = writeln!(toml, "protocol = {}", quoted(&route.protocol));
-            let _ = writeln!(toml, "device_tls = {}", quoted(&route.device_tls));
-            let _ = writeln!(toml, "upstream = {}", quoted(&route.upstream));
-            let _ = writeln!(toml, "upstream_tls = {}", quoted(&route.upstream_tls));
-            if let Some(allow) = &route.allow {
-                let _ = writeln!(toml, "allow = {}", quoted_list(allow));
-            }
-            if route.proxy_protocol {
-                let _ = writeln!(toml, "proxy_protocol = true");
-                let _ = writeln!(toml, "proxy_from = {}", quoted_list(&route.proxy_from));
-            }
-            if !route.sni_allow.is_empty() {
-                let _ = writeln!(toml, "sni_allow = {}", quoted_list(&route.sni_allow));
-            }
-        }
-        toml
-    }
-
-    /// Writes `dir/tlsbridge.toml` and returns its path.
-    pub fn write(&self, dir: &Path) -> Result<PathBuf> {
-        let path = dir.join("tlsbridge.toml");
-        std::fs::write(&path, self.toml(dir))
-            .with_context(|| format!("write {}", path.display()))?;
-        Ok(path)
-    }
-}
-
-/// tlsbridge running in-process, with its admin endpoint. Dropping it signals shutdown.
-pub struct InProcess {
-    pub dir: tempfile::TempDir,
-    pub config_path: PathBuf,
-    admin: Option<SocketAddr>,
-    addrs: HashMap<String, SocketAddr>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<()>>>,
-}
-
-impl InProcess {
-    pub async fn start(settings: &Settings) -> Result<InProcess> {
-        let dir = tempfile::tempdir().context("tempdir for the proxy")?;
-        let config_path = settings.write(dir.path())?;
-        let config = tlsbridge::config::Config::load_from(
-            Some(&config_path),
-            std::iter::empty::<(String, String)>(),
-        )
-        .with_context(|| format!("load the proxy config:\n{}", settings.toml(dir.path())))?;
-        let server = tlsbridge::server::Server::bind(config)
-            .await
-            .context("bind the proxy")?;
-        let mut addrs = HashMap::new();
-        for route in &settings.routes {
-            let addr = server
-                .local_addr(&route.name)
-                .with_context(|| format!("no local address for route {}", route.name))?;
-            addrs.insert(route.name.clone(), addr);
-        }
-        let admin = server.admin_addr();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = rx.await;
-        }));
-        Ok(InProcess {
-            dir,
-            config_path,
-            admin,
-            addrs,
-            shutdown: Some(tx),
-            task: Some(task),
-        })
-    }
-
-    pub fn addr(&self, route: &str) -> SocketAddr {
-        *self
-            .addrs
-            .get(route)
-            .unwrap_or_else(|| panic!("the test proxy has no route {route:?}"))
-    }
-
-    pub fn admin(&self) -> SocketAddr {
-        self.admin.expect("the admin endpoint is enabled")
-    }
-
-    /// The CA that signed the device certificate.
-    pub fn verify(&self) -> Verify {
-        Verify::Ca(self.dir.path().join("certs/ca.crt"))
-    }
-
-    /// Signals shutdown and waits (bounded) for `run` to return.
-    pub async fn stop(mut self) -> Result<()> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        let task = self.task.take().ok_or_else(|| anyhow!("already stopped"))?;
-        tokio::time::timeout(Duration::from_secs(40), task)
-            .await
-            .context("the proxy did not stop within 40s")?
-            .context("the proxy task panicked")?
-            .context("the proxy's run returned an error")
-    }
-}
-
-impl Drop for InProcess {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
 
 /// The real binary, `run --config FILE --log-format json`, its stdout read line by line.
 /// Dropping it kills the process.
@@ -964,12 +689,9 @@ pub struct DeviceRun {
     pub local: SocketAddr,
     pub version: String,
     pub cipher: String,
-    /// The serial number (hex) of the certificate the proxy presented.
-    pub serial: String,
     /// Bytes sent and received inside TLS.
     pub sent: Vec<u8>,
     pub received: Vec<u8>,
-    pub close: Close,
 }
 
 /// A full STARTTLS SMTP session over `tcp` (already connected, a PROXY header already written
@@ -987,17 +709,16 @@ pub async fn starttls_mail(
     plain.expect("STARTTLS", 220).await?;
     let mut tls = plain.start_tls(legacy, verify).await?;
     let (version, cipher) = device::tls_info(tls.conn.get_ref());
-    let serial = serial(tls.conn.get_ref())?;
+    // The proxy presented a certificate.
+    serial(tls.conn.get_ref())?;
     tls.send_mail(&Mail::sample()).await?;
-    let (_, close) = tls.read_to_close().await?;
+    tls.read_to_close().await?;
     Ok(DeviceRun {
         local,
         version,
         cipher,
-        serial,
         sent: tls.conn.sent.clone(),
         received: tls.conn.received.clone(),
-        close,
     })
 }
 

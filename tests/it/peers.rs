@@ -8,8 +8,6 @@
 //!
 //! A test whose program is missing prints a notice and passes, unless CI is set: then it fails.
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,13 +19,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use support::ca::{Leaf, Pki};
-use support::ops::{field, is_audit, Process, Route as OpsRoute, Settings};
-use support::peers::{
-    free_port, is_root, missing, require, run, user_ids, Bridge, Daemon, FullRoute, Output,
-    PROGRAM_TIMEOUT, START_TIMEOUT,
+use crate::support::ca::{Leaf, Pki};
+use crate::support::ops::{field, is_audit, Process};
+use crate::support::peers::{
+    free_port, is_root, missing, require, run, user_ids, Daemon, Output, PROGRAM_TIMEOUT,
+    START_TIMEOUT,
 };
-use support::proxy::{Proxy, RouteSpec};
+use crate::support::proxy::{Proxy, Route, Settings};
 
 /// The aiosmtpd upstream (STARTTLS required, TLS 1.2 minimum).
 const SMTP_UPSTREAM_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/smtp_upstream.py");
@@ -221,7 +219,7 @@ async fn swaks_tls10(port: u16, mode: &str, ca: &Path, body_marker: &str) -> Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swaks_tls10_delivers_through_starttls_and_implicit_tls_routes() -> Result<()> {
-    support::init_logging();
+    crate::support::init_logging();
     if !require("swaks", &["--version"]) || !smtp_peers_available() {
         return Ok(());
     }
@@ -230,8 +228,8 @@ async fn swaks_tls10_delivers_through_starttls_and_implicit_tls_routes() -> Resu
     let proxy = Proxy::start(
         &pki,
         &[
-            RouteSpec::smtp("smtp", "starttls", upstream.port),
-            RouteSpec::smtp("smtps", "tls", upstream.port),
+            Route::smtp("smtp", "starttls", upstream.port),
+            Route::smtp("smtps", "tls", upstream.port),
         ],
     )
     .await?;
@@ -272,13 +270,13 @@ async fn swaks_tls10_delivers_through_starttls_and_implicit_tls_routes() -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_s_client_starttls_smtp_negotiates_tls10() -> Result<()> {
-    support::init_logging();
+    crate::support::init_logging();
     if !require("openssl", &["version"]) || !smtp_peers_available() {
         return Ok(());
     }
     let pki = Pki::new()?;
     let upstream = SmtpUpstream::start(&pki.localhost).await?;
-    let proxy = Proxy::start(&pki, &[RouteSpec::smtp("smtp", "starttls", upstream.port)]).await?;
+    let proxy = Proxy::start(&pki, &[Route::smtp("smtp", "starttls", upstream.port)]).await?;
 
     let direct = s_client_tls10(upstream.port, "smtp", &pki.ca_path, b"QUIT\n").await?;
     ensure!(
@@ -484,7 +482,7 @@ struct MailSetup {
 impl MailSetup {
     /// `None` (after a notice) when curl, openssl or dovecot is missing or we are not root.
     async fn start() -> Result<Option<MailSetup>> {
-        support::init_logging();
+        crate::support::init_logging();
         if !require("curl", &["--version"])
             || !require("openssl", &["version"])
             || !require("dovecot", &["--version"])
@@ -507,7 +505,7 @@ impl MailSetup {
         );
         let dovecot = Dovecot::start(&pki.localhost, &message).await?;
         let route = |name: &str, protocol: &str, device: &str, port: u16, upstream: &str| {
-            RouteSpec::new(
+            Route::new(
                 name,
                 protocol,
                 device,
@@ -852,7 +850,7 @@ async fn resolves_to_loopback(name: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_https_tls10_is_routed_by_sni() -> Result<()> {
-    support::init_logging();
+    crate::support::init_logging();
     if !require("curl", &["--version"]) {
         return Ok(());
     }
@@ -860,19 +858,12 @@ async fn curl_https_tls10_is_routed_by_sni() -> Result<()> {
     let names = ["localhost", "a.test", "x.b.test"];
     let leaf = pki.ca.leaf(&names)?;
     let upstream = HttpsUpstream::start(&leaf).await?;
-    let bridge = Bridge::start(
-        &pki,
-        &names,
-        &[FullRoute {
-            name: "https".into(),
-            protocol: "tcp".into(),
-            device_tls: "tls".into(),
-            upstream: format!("sni:{}", upstream.port),
-            upstream_tls: "tls".into(),
-            sni_allow: strings(&["localhost", "a.test", "*.b.test"]),
-        }],
-    )
-    .await?;
+    let route = Route::tcp("https", "tls", &format!("sni:{}", upstream.port)).sni_allow(&[
+        "localhost",
+        "a.test",
+        "*.b.test",
+    ]);
+    let bridge = Proxy::start_with(&Settings::routes_only(&pki, vec![route]).names(&names)).await?;
     let port = bridge.addr("https").port();
     let ca = bridge.device_ca();
 
@@ -978,7 +969,7 @@ async fn same_port_pair() -> Result<(TcpListener, TcpListener)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_https_tls10_reaches_the_upstream_its_sni_names() -> Result<()> {
-    support::init_logging();
+    crate::support::init_logging();
     if !require("curl", &["--version"]) || !require("unshare", &["-m", "true"]) {
         return Ok(());
     }
@@ -1010,10 +1001,8 @@ async fn curl_https_tls10_reaches_the_upstream_its_sni_names() -> Result<()> {
 
     let mut settings = Settings::new(
         &pki,
-        vec![
-            OpsRoute::tcp("https", "tls", &format!("sni:{upstream_port}"))
-                .sni_allow(&["a.test", "*.b.test"]),
-        ],
+        vec![Route::tcp("https", "tls", &format!("sni:{upstream_port}"))
+            .sni_allow(&["a.test", "*.b.test"])],
     );
     settings.admin = String::new();
     settings.names = strings(&["a.test", "x.b.test", "localhost"]);

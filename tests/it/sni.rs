@@ -2,122 +2,24 @@
 //! ClientHello carries, when `sni_allow` admits it; any other name, and no name at all, is
 //! refused with a TLS alert before anything is connected upstream.
 //!
-//! This binary installs its own tracing subscriber: the usual test output plus a layer that
-//! keeps every `session_closed` audit event, so the tests can check each session's `outcome`
-//! and `sni` (found by the device's own address in `peer`).
-
-mod support;
+//! Each session's `outcome` and `sni` are checked on its `session_closed` audit event, as the
+//! test subscriber (`support::init_logging`) captured it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
 
+use crate::support::ca::Pki;
+use crate::support::capture::session_closed;
+use crate::support::device::{connect, connector, tls_connect, Legacy, Verify, DEVICE_TIMEOUT};
+use crate::support::lines::{preview, Close, Conn};
+use crate::support::proxy::{Proxy, Route};
+use crate::support::upstream::{EchoMode, FakeUpstream, Service, UpstreamTls};
 use anyhow::{Context, Result};
-use support::ca::Pki;
-use support::device::{connect, connector, tls_connect, Legacy, Verify, DEVICE_TIMEOUT};
-use support::lines::{preview, Close, Conn};
-use support::peers::{Bridge, FullRoute};
-use support::upstream::{EchoMode, FakeUpstream, Service, UpstreamTls};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tokio_openssl::SslStream;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::Layer;
 
 const ROUTE: &str = "sni";
-
-/// How long a test waits for the proxy's `session_closed` event of a finished session.
-const AUDIT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The `session_closed` events seen so far, each as its fields (values as logged).
-fn events() -> &'static Mutex<Vec<HashMap<String, String>>> {
-    static EVENTS: OnceLock<Mutex<Vec<HashMap<String, String>>>> = OnceLock::new();
-    EVENTS.get_or_init(|| Mutex::new(Vec::new()))
-}
-
-fn new_event() -> &'static Notify {
-    static NOTIFY: OnceLock<Notify> = OnceLock::new();
-    NOTIFY.get_or_init(Notify::new)
-}
-
-/// Collects an event's fields: strings as they are, everything else as logged.
-struct Fields(HashMap<String, String>);
-
-impl tracing::field::Visit for Fields {
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.insert(field.name().to_string(), value.to_string());
-    }
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().to_string(), format!("{value:?}"));
-    }
-}
-
-/// Keeps every `session_closed` event of target `tlsbridge::audit`.
-struct Capture;
-
-impl<S: tracing::Subscriber> Layer<S> for Capture {
-    fn on_event(
-        &self,
-        event: &tracing::Event<'_>,
-        _ctx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        if event.metadata().target() != "tlsbridge::audit" {
-            return;
-        }
-        let mut fields = Fields(HashMap::new());
-        event.record(&mut fields);
-        if fields.0.get("event").map(String::as_str) != Some("session_closed") {
-            return;
-        }
-        if let Ok(mut list) = events().lock() {
-            list.push(fields.0);
-        }
-        new_event().notify_waiters();
-    }
-}
-
-/// The test output (as `support::init_logging`) plus the capture layer, once per binary.
-fn init_tracing() {
-    let output = tracing_subscriber::fmt::layer()
-        .with_test_writer()
-        .with_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tlsbridge=debug")),
-        );
-    let audit = Capture.with_filter(
-        tracing_subscriber::filter::Targets::new()
-            .with_target("tlsbridge::audit", tracing::Level::INFO),
-    );
-    let _ = tracing_subscriber::registry()
-        .with(output)
-        .with(audit)
-        .try_init();
-}
-
-/// Waits (at most [`AUDIT_TIMEOUT`]) for the `session_closed` event of the device at `peer`.
-async fn session_closed(peer: SocketAddr) -> HashMap<String, String> {
-    let deadline = tokio::time::Instant::now() + AUDIT_TIMEOUT;
-    let peer = peer.to_string();
-    loop {
-        let notified = new_event().notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let found = events()
-            .lock()
-            .ok()
-            .and_then(|list| list.iter().find(|e| e.get("peer") == Some(&peer)).cloned());
-        if let Some(event) = found {
-            return event;
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            panic!("no session_closed event for peer {peer} within {AUDIT_TIMEOUT:?}");
-        }
-    }
-}
 
 /// Asserts `event` has `outcome` and `sni`.
 fn assert_closed(event: &HashMap<String, String>, outcome: &str, sni: &str) {
@@ -140,7 +42,7 @@ fn assert_closed(event: &HashMap<String, String>, outcome: &str, sni: &str) {
 
 /// An echo upstream with a certificate for `names`, and a proxy with one SNI-routed `tcp` route
 /// to its port, admitting "localhost" and "*.localhost".
-async fn setup(pki: &Pki, names: &[&str]) -> (FakeUpstream, Bridge) {
+async fn setup(pki: &Pki, names: &[&str]) -> (FakeUpstream, Proxy) {
     let leaf = pki.ca.leaf(names).expect("upstream leaf");
     let upstream = FakeUpstream::start(
         Service::Echo(EchoMode::Streaming),
@@ -149,20 +51,9 @@ async fn setup(pki: &Pki, names: &[&str]) -> (FakeUpstream, Bridge) {
     )
     .await
     .expect("start the echo upstream");
-    let bridge = Bridge::start(
-        pki,
-        &["localhost"],
-        &[FullRoute {
-            name: ROUTE.into(),
-            protocol: "tcp".into(),
-            device_tls: "tls".into(),
-            upstream: format!("sni:{}", upstream.port()),
-            upstream_tls: "tls".into(),
-            sni_allow: vec!["localhost".into(), "*.localhost".into()],
-        }],
-    )
-    .await
-    .expect("start the proxy");
+    let route = Route::tcp(ROUTE, "tls", &format!("sni:{}", upstream.port()))
+        .sni_allow(&["localhost", "*.localhost"]);
+    let bridge = Proxy::start(pki, &[route]).await.expect("start the proxy");
     (upstream, bridge)
 }
 
@@ -225,7 +116,7 @@ async fn resolves_to_loopback(name: &str) -> bool {
 
 #[tokio::test]
 async fn allowed_sni_reaches_the_upstream_under_that_name() {
-    init_tracing();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, bridge) = setup(&pki, &["localhost"]).await;
     let verify = Verify::Ca(bridge.device_ca());
@@ -254,12 +145,12 @@ async fn allowed_sni_reaches_the_upstream_under_that_name() {
     );
     assert_eq!(report.after_tls, payload, "{report:?}");
     assert_eq!(report.outcome, "ok", "{report:?}");
-    assert_closed(&session_closed(device).await, "ok", "localhost");
+    assert_closed(&session_closed(ROUTE, device).await, "ok", "localhost");
 }
 
 #[tokio::test]
 async fn names_outside_sni_allow_and_missing_sni_are_refused_with_an_alert() {
-    init_tracing();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let (mut upstream, bridge) = setup(&pki, &["localhost"]).await;
     let addr = bridge.addr(ROUTE);
@@ -284,7 +175,7 @@ async fn names_outside_sni_allow_and_missing_sni_are_refused_with_an_alert() {
             ),
         }
         assert_closed(
-            &session_closed(device).await,
+            &session_closed(ROUTE, device).await,
             "sni_refused",
             sni.unwrap_or(""),
         );
@@ -307,14 +198,14 @@ async fn names_outside_sni_allow_and_missing_sni_are_refused_with_an_alert() {
         1,
         "exactly one upstream connection: the allowed device's"
     );
-    assert_closed(&session_closed(device).await, "ok", "localhost");
+    assert_closed(&session_closed(ROUTE, device).await, "ok", "localhost");
 }
 
 /// "*.localhost" admits a one-label name. Whether the proxy can then reach the upstream under
 /// that name depends on this machine's resolver; the handshake must pass either way.
 #[tokio::test]
 async fn wildcard_sni_is_admitted() {
-    init_tracing();
+    crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let name = "dev1.localhost";
     let (mut upstream, bridge) = setup(&pki, &["localhost", name]).await;
@@ -327,7 +218,7 @@ async fn wildcard_sni_is_admitted() {
         assert_eq!(echoed, b"wildcard\r\n");
         let report = upstream.next_session().await.expect("upstream session");
         assert_eq!(report.sni.as_deref(), Some(name), "{report:?}");
-        assert_closed(&session_closed(device).await, "ok", name);
+        assert_closed(&session_closed(ROUTE, device).await, "ok", name);
     } else {
         eprintln!("NOTE: {name} does not resolve here; checking only that sni_allow admits it");
         // The upstream leg cannot be made: the device gets a close with nothing in it.
@@ -340,6 +231,6 @@ async fn wildcard_sni_is_admitted() {
             "an upstream that cannot be reached ends the device leg cleanly"
         );
         assert_eq!(upstream.accepted(), 0);
-        assert_closed(&session_closed(device).await, "upstream_dns", name);
+        assert_closed(&session_closed(ROUTE, device).await, "upstream_dns", name);
     }
 }

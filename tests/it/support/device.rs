@@ -35,15 +35,7 @@ pub enum Legacy {
 /// The RSA key exchange suites of [`Legacy::Tls12RsaKx`].
 pub const RSA_KX_CIPHERS: &str = "AES128-SHA:AES256-SHA:AES128-SHA256";
 
-#[allow(dead_code)]
 impl Legacy {
-    pub const ALL: [Legacy; 4] = [
-        Legacy::Tls10,
-        Legacy::Tls11,
-        Legacy::Tls12,
-        Legacy::Tls12RsaKx,
-    ];
-
     fn version(self) -> SslVersion {
         match self {
             Legacy::Tls10 => SslVersion::TLS1,
@@ -163,7 +155,6 @@ impl std::fmt::Debug for Reply {
     }
 }
 
-#[allow(dead_code)]
 impl Reply {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.raw).into_owned()
@@ -187,7 +178,6 @@ pub struct Mail {
     pub body: Vec<u8>,
 }
 
-#[allow(dead_code)]
 impl Mail {
     /// A scan-to-email style message with a dot-stuffed line and 8-bit bytes.
     pub fn sample() -> Mail {
@@ -223,7 +213,6 @@ pub struct SmtpClient<S> {
     pub conn: Conn<S>,
 }
 
-#[allow(dead_code)]
 impl<S: AsyncRead + AsyncWrite + Unpin + EndOfStream> SmtpClient<S> {
     pub fn new(io: S) -> SmtpClient<S> {
         SmtpClient {
@@ -313,7 +302,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + EndOfStream> SmtpClient<S> {
     }
 }
 
-#[allow(dead_code)]
 impl SmtpClient<TcpStream> {
     pub async fn connect(addr: SocketAddr) -> Result<SmtpClient<TcpStream>> {
         Ok(SmtpClient::new(connect(addr).await?))
@@ -444,7 +432,6 @@ pub async fn smtp_session(
 
 /// Writes `payload`, shuts the write side down (close_notify, then FIN), then reads until the
 /// peer ends the stream. The peer must buffer (or the proxy carry) the whole payload.
-#[allow(dead_code)]
 pub async fn write_shutdown_read(
     mut stream: SslStream<TcpStream>,
     payload: &[u8],
@@ -476,7 +463,6 @@ pub async fn write_shutdown_read(
 }
 
 /// Like [`write_shutdown_read`], but reads while writing, for a peer that answers as data comes.
-#[allow(dead_code)]
 pub async fn write_shutdown_read_concurrently(
     stream: SslStream<TcpStream>,
     payload: &[u8],

@@ -2,17 +2,16 @@
 //! start loads), a second SIGTERM ends the drain at once, SIGHUP reloads the device certificate
 //! without touching open sessions.
 
-mod support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::support::ca::Pki;
+use crate::support::device::{connect, Legacy, Mail, SmtpClient, Verify};
+use crate::support::lines::Close;
+use crate::support::ops::{self, field, is_audit, message, number, Process};
+use crate::support::proxy::{Route, Settings};
+use crate::support::upstream::{FakeUpstream, SmtpBehaviour};
 use serde_json::Value;
-use support::ca::Pki;
-use support::device::{connect, Legacy, Mail, SmtpClient, Verify};
-use support::lines::Close;
-use support::ops::{self, field, is_audit, message, number, Process, Route, Settings};
-use support::upstream::{FakeUpstream, SmtpBehaviour};
 use tokio::net::TcpStream;
 use tokio_openssl::SslStream;
 
@@ -285,7 +284,7 @@ async fn sigterm_drains_an_open_session_then_exits_zero() {
     let mut upstream = normal_upstream(&pki).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut settings = Settings::new(&pki, vec![Route::smtp("smtp", "starttls", upstream.port())]);
-    settings.drain_timeout = "10s".to_string();
+    settings.drain_timeout = Some("10s".to_string());
     let mut process = Process::start(dir.path(), &settings)
         .await
         .expect("start tlsbridge");
@@ -346,7 +345,7 @@ async fn a_second_sigterm_during_the_drain_exits_at_once() {
     let upstream = normal_upstream(&pki).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut settings = Settings::new(&pki, vec![Route::smtp("smtp", "starttls", upstream.port())]);
-    settings.drain_timeout = "60s".to_string();
+    settings.drain_timeout = Some("60s".to_string());
     let mut process = Process::start(dir.path(), &settings)
         .await
         .expect("start tlsbridge");
@@ -384,7 +383,7 @@ async fn sigint_without_open_sessions_stops_at_once_and_saves() {
     let upstream = normal_upstream(&pki).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut settings = Settings::new(&pki, vec![Route::smtp("smtp", "starttls", upstream.port())]);
-    settings.drain_timeout = "60s".to_string();
+    settings.drain_timeout = Some("60s".to_string());
     let mut process = Process::start(dir.path(), &settings)
         .await
         .expect("start tlsbridge");
