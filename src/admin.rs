@@ -101,13 +101,11 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             "text/plain",
             "not ready\n".into(),
         ),
-        "/metrics" => {
-            reply(
-                StatusCode::OK,
-                crate::metrics::CONTENT_TYPE,
-                state.sinks.metrics_text(),
-            )
-        }
+        "/metrics" => reply(
+            StatusCode::OK,
+            crate::metrics::CONTENT_TYPE,
+            state.sinks.metrics_text(),
+        ),
         "/" => {
             let inventory = &state.sinks.inventory;
             let view = dashboard::View {

@@ -301,7 +301,9 @@ impl RouteMetrics {
                 let labels = RouteLabel {
                     route: self.route.clone(),
                 };
-                self.families.certificate_expiry.get_or_create_owned(&labels)
+                self.families
+                    .certificate_expiry
+                    .get_or_create_owned(&labels)
             })
             .set(not_after);
     }

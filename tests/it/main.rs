@@ -12,6 +12,7 @@ mod audit_log;
 mod fail_closed;
 mod imap_pop3;
 mod legacy_ciphers;
+mod monitoring;
 mod operations;
 mod peers;
 mod probe;

@@ -29,6 +29,9 @@ const BYTES: &str = "tlsbridge_bytes_total";
 const LEGACY: &str = "tlsbridge_legacy_clients";
 const HANDSHAKE_COUNT: &str = "tlsbridge_handshake_duration_seconds_count";
 const HANDSHAKE_INF: &str = "tlsbridge_handshake_duration_seconds_bucket";
+const DEVICE_CONNECTIONS: &str = "tlsbridge_legacy_client_connections_total";
+const LAST_SEEN: &str = "tlsbridge_legacy_client_last_seen_timestamp_seconds";
+const CERT_EXPIRY: &str = "tlsbridge_upstream_certificate_expiry_timestamp_seconds";
 
 /// Bound on a refused connection's close.
 const CLOSE_LIMIT: Duration = Duration::from_secs(5);
@@ -114,8 +117,22 @@ async fn a_legacy_session_moves_the_metrics_by_exactly_what_happened() {
     })
     .await
     .expect("metrics after the session");
-    let changes = after.changes_since(&before);
+    let mut changes = after.changes_since(&before);
     let smtp = ("route", "smtp");
+    // Series whose value is a time: checked for plausibility, not as a delta.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    for (name, low, high) in [
+        (LAST_SEEN, now - 600.0, now + 600.0),
+        (CERT_EXPIRY, now, f64::INFINITY),
+    ] {
+        let found: Vec<_> = changes.keys().filter(|k| k.name == name).cloned().collect();
+        assert_eq!(found.len(), 1, "one {name} series: {found:?}");
+        let value = changes.remove(&found[0]).unwrap_or_default();
+        assert!((low..high).contains(&value), "{name} = {value}");
+    }
     let wanted = expect(&[
         (series(CONNECTIONS, &[smtp, ("device_tls", "TLSv1")]), 1.0),
         (
@@ -137,6 +154,18 @@ async fn a_legacy_session_moves_the_metrics_by_exactly_what_happened() {
             1.0,
         ),
         (series(LEGACY, &[]), 1.0),
+        (
+            series(
+                DEVICE_CONNECTIONS,
+                &[
+                    ("address", "127.0.0.1"),
+                    ("client_name", "scanner-mx3070"),
+                    ("device_tls", "TLSv1"),
+                    smtp,
+                ],
+            ),
+            1.0,
+        ),
     ]);
     assert_eq!(
         changes,
@@ -288,7 +317,9 @@ async fn the_admin_endpoint_answers_known_paths_and_methods_only() {
     let clients = ops::clients(admin).await.expect("/clients");
     assert!(clients.is_empty(), "no device yet: {clients:?}");
 
-    for path in ["/", "/nope", "/metrics/x", "/clients.json"] {
+    let page = ops::http(admin, "GET", "/").await.expect("GET /");
+    assert_eq!(page.status, 200, "the dashboard: {page:?}");
+    for path in ["/nope", "/metrics/x", "/clients.json"] {
         let response = ops::http(admin, "GET", path).await.expect("GET");
         assert_eq!(response.status, 404, "GET {path}: {response:?}");
     }

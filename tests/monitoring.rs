@@ -1,2 +1,0 @@
-#[path = "it/monitoring.rs"]
-mod monitoring;
