@@ -117,6 +117,8 @@ async fn a_legacy_session_moves_the_metrics_by_exactly_what_happened() {
     })
     .await
     .expect("metrics after the session");
+    let exposition = ops::http(admin, "GET", "/metrics").await.expect("/metrics");
+    promtool_accepts(&exposition.body);
     let mut changes = after.changes_since(&before);
     let smtp = ("route", "smtp");
     // Series whose value is a time: checked for plausibility, not as a delta.
@@ -732,4 +734,36 @@ async fn the_proxy_protocol_names_the_device_and_is_only_taken_from_trusted_peer
         .await
         .expect("exit");
     assert!(status.success(), "{status}\n{}", process.output());
+}
+
+/// The exposition passes Prometheus' own parser and linter (`promtool check metrics`); skipped
+/// where promtool is missing, unless `CI` is set.
+fn promtool_accepts(exposition: &str) {
+    use std::io::Write;
+    let spawned = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(err) => {
+            assert!(std::env::var_os("CI").is_none(), "promtool: {err}");
+            eprintln!("skipped: promtool is not installed");
+            return;
+        }
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(exposition.as_bytes())
+            .expect("feed promtool");
+    }
+    let out = child.wait_with_output().expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}\n{exposition}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
