@@ -111,7 +111,7 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             let view = dashboard::View {
                 clients: inventory.snapshot(),
                 days: inventory.daily(),
-                routes: Vec::new(),
+                routes: route_status(&state.sinks),
                 now: inventory.now(),
                 sort: Sort::from_query(req.uri().query()),
             };
@@ -163,6 +163,24 @@ fn private(
         headers.insert(name.clone(), HeaderValue::from_static(value));
     }
     response
+}
+
+/// The dashboard's per-route block, from the metrics' recent view of each route.
+fn route_status(sinks: &Sinks) -> Vec<dashboard::RouteStatus> {
+    let at = |seconds: i64| {
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds.max(0) as u64)
+    };
+    sinks
+        .metrics
+        .routes()
+        .into_iter()
+        .map(|r| dashboard::RouteStatus {
+            route: r.route,
+            active_sessions: r.active_sessions,
+            upstream_failures_last_hour: r.upstream_failures_last_hour,
+            upstream_certificate_expiry: r.certificate_expiry.map(at),
+        })
+        .collect()
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

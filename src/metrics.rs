@@ -2,8 +2,9 @@
 //! format. Each route resolves its handles once (`RouteMetrics`), so a session's hot path only
 //! touches atomics; families with a free-form reason are looked up on failures only.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::AtomicU64;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::prometheus_text;
@@ -96,6 +97,77 @@ pub struct Metrics {
     handshakes: Family<RouteLeg, Histogram, HandshakeBuckets>,
     legacy_clients: Gauge,
     certificate_expiry: Family<RouteLabel, Gauge>,
+    /// What the dashboard shows per route, in route order.
+    routes: Mutex<Vec<Arc<RouteRecent>>>,
+}
+
+/// The window of "upstream failures in the last hour", in one-minute buckets.
+const RECENT_MINUTES: u64 = 60;
+
+/// A route's recent state for the dashboard: counters cannot tell "the last hour" by themselves.
+struct RouteRecent {
+    route: String,
+    active: Gauge,
+    certificate_expiry: Gauge,
+    /// (minute since the epoch, reason, failures), oldest first; bounded by the window and the
+    /// number of distinct reasons.
+    failures: Mutex<VecDeque<(u64, &'static str, u64)>>,
+}
+
+/// A route as the dashboard shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSnapshot {
+    pub route: String,
+    pub active_sessions: u64,
+    pub upstream_failures_last_hour: BTreeMap<String, u64>,
+    /// notAfter of the upstream certificate (Unix seconds) as the last session saw it.
+    pub certificate_expiry: Option<i64>,
+}
+
+fn minute_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        / 60
+}
+
+impl RouteRecent {
+    fn failed(&self, reason: &'static str) {
+        let minute = minute_now();
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        while failures
+            .front()
+            .is_some_and(|(m, _, _)| m + RECENT_MINUTES <= minute)
+        {
+            failures.pop_front();
+        }
+        match failures
+            .iter_mut()
+            .rev()
+            .take_while(|(m, _, _)| *m == minute)
+            .find(|(_, r, _)| *r == reason)
+        {
+            Some((_, _, count)) => *count += 1,
+            None => failures.push_back((minute, reason, 1)),
+        }
+    }
+
+    fn snapshot(&self) -> RouteSnapshot {
+        let since = minute_now().saturating_sub(RECENT_MINUTES - 1);
+        let mut by_reason = BTreeMap::new();
+        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, reason, count) in failures.iter().filter(|(m, _, _)| *m >= since) {
+            *by_reason.entry(reason.to_string()).or_insert(0) += count;
+        }
+        let expiry = self.certificate_expiry.get();
+        RouteSnapshot {
+            route: self.route.clone(),
+            active_sessions: self.active.get().max(0) as u64,
+            upstream_failures_last_hour: by_reason,
+            certificate_expiry: (expiry != 0).then_some(expiry),
+        }
+    }
 }
 
 /// One route's handles, resolved when the route is set up.
@@ -111,6 +183,7 @@ pub struct RouteMetrics {
     /// Shown once an upstream certificate was seen.
     certificate_expiry: OnceLock<Gauge>,
     families: Families,
+    recent: Arc<RouteRecent>,
 }
 
 /// The families a route still looks up by label (failures, refusals, rare versions).
@@ -195,6 +268,7 @@ impl Default for Metrics {
             handshakes,
             legacy_clients,
             certificate_expiry,
+            routes: Mutex::default(),
         }
     }
 }
@@ -211,10 +285,22 @@ impl Metrics {
             route: name.clone(),
             leg: leg.as_str(),
         };
+        let active = self.active.get_or_create_owned(&RouteLabel {
+            route: name.clone(),
+        });
+        let recent = Arc::new(RouteRecent {
+            route: name.clone(),
+            active: active.clone(),
+            certificate_expiry: Gauge::default(),
+            failures: Mutex::default(),
+        });
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(recent.clone());
         RouteMetrics {
-            active: self.active.get_or_create_owned(&RouteLabel {
-                route: name.clone(),
-            }),
+            recent,
+            active,
             bytes_up: self.bytes.get_or_create_owned(&direction("up")),
             bytes_down: self.bytes.get_or_create_owned(&direction("down")),
             device_handshake: self.handshakes.get_or_create_owned(&leg(Leg::Device)),
@@ -229,6 +315,12 @@ impl Metrics {
             },
             route: name,
         }
+    }
+
+    /// Every route's recent state, for the dashboard.
+    pub fn routes(&self) -> Vec<RouteSnapshot> {
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes.iter().map(|r| r.snapshot()).collect()
     }
 
     pub fn set_legacy_clients(&self, count: usize) {
@@ -292,6 +384,9 @@ impl RouteMetrics {
             .handshake_failures
             .get_or_create(&labels)
             .inc();
+        if leg == Leg::Upstream {
+            self.recent.failed(reason);
+        }
     }
 
     /// The upstream certificate's notAfter, in Unix seconds.
@@ -306,6 +401,7 @@ impl RouteMetrics {
                     .get_or_create_owned(&labels)
             })
             .set(not_after);
+        self.recent.certificate_expiry.set(not_after);
     }
 
     pub fn handshake_took(&self, leg: Leg, took: Duration) {
@@ -407,5 +503,25 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn the_dashboard_sees_recent_upstream_failures_and_the_expiry() {
+        let m = Metrics::default();
+        let r = m.route("imaps");
+        r.opened();
+        r.handshake_failed(Leg::Upstream, "certificate_invalid");
+        r.handshake_failed(Leg::Upstream, "certificate_invalid");
+        r.handshake_failed(Leg::Upstream, "dns");
+        r.handshake_failed(Leg::Device, "device_timeout");
+        r.certificate_expires(1_900_000_000);
+        let [route] = m.routes().try_into().unwrap();
+        assert_eq!(route.route, "imaps");
+        assert_eq!(route.active_sessions, 1);
+        assert_eq!(
+            route.upstream_failures_last_hour,
+            BTreeMap::from([("certificate_invalid".into(), 2), ("dns".into(), 1)])
+        );
+        assert_eq!(route.certificate_expiry, Some(1_900_000_000));
     }
 }
