@@ -9,6 +9,7 @@ mod support;
 
 mod accept_backoff;
 mod audit_log;
+mod dashboard;
 mod fail_closed;
 mod imap_pop3;
 mod legacy_ciphers;
