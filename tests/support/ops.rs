@@ -190,6 +190,8 @@ impl Settings {
             "max_connections_per_ip = {}",
             self.max_connections_per_ip
         );
+        // Tests open connections in quick loops from one address.
+        let _ = writeln!(toml, "connect_rate_per_ip = 0");
         let _ = writeln!(toml, "drain_timeout = {}", quoted(&self.drain_timeout));
         for route in &self.routes {
             let _ = writeln!(toml, "\n[[route]]");

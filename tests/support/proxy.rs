@@ -90,6 +90,8 @@ pub fn config_toml(dir: &std::path::Path, pki: &Pki, routes: &[RouteSpec]) -> St
     let _ = writeln!(toml, "\n[upstream_tls]");
     let _ = writeln!(toml, "extra_roots = [{}]", path_str(&pki.ca_path));
     let _ = writeln!(toml, "connect_timeout = \"5s\"");
+    // Tests open connections in quick loops from one address.
+    let _ = writeln!(toml, "\n[limits]\nconnect_rate_per_ip = 0");
     for route in routes {
         let _ = writeln!(toml, "\n[[route]]");
         let _ = writeln!(toml, "name = {}", toml_str(&route.name));
