@@ -2,8 +2,9 @@
 //! and the migration dashboard at `/`.
 //!
 //! It must not become a way to starve the proxy: a request head must arrive within
-//! [`HEADER_READ_TIMEOUT`], a connection lives at most [`CONNECTION_LIFETIME`] (which bounds
-//! keep-alive), and at most [`MAX_CONNECTIONS`] are open at once (more are closed at accept).
+//! [`HEADER_READ_TIMEOUT`] (also the keep-alive timeout between requests), a connection lives at
+//! most [`CONNECTION_LIFETIME`], and at most [`MAX_CONNECTIONS`] are open at once (more are
+//! closed at accept).
 //! With `admin.token_file`, every page but the probes needs `Authorization: Bearer <token>`.
 
 use std::convert::Infallible;
@@ -39,7 +40,9 @@ const DASHBOARD_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; base
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// A request head (request line and headers) must be complete this long after the connection
-/// starts waiting for it, or the connection is closed.
+/// starts waiting for it, or the connection is closed. hyper starts this timer whenever it waits
+/// for a request, so it is also the keep-alive timeout: an idle connection is closed this long
+/// after its last response.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The longest an admin connection stays open, keep-alive included: then it is closed after the

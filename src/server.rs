@@ -166,7 +166,8 @@ impl Server {
         if let Some(admin_task) = admin_task {
             let _ = admin_task.await;
         }
-        save(&shared);
+        let last = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || save(&last)).await;
         info!("stopped");
         Ok(())
     }

@@ -184,6 +184,17 @@ async fn half_sent_admin_requests_are_closed_and_devices_are_still_served() {
     let admin = proxy.admin.expect("admin endpoint");
     let before = open_descriptors();
 
+    // A complete request on a kept-alive connection: answered, then the idle connection is
+    // closed like a half-sent one (the header-read timer runs while waiting for a request).
+    let mut kept_alive = connect(admin).await.expect("connect to the admin endpoint");
+    kept_alive
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("a request");
+    let mut head = [0u8; 12];
+    kept_alive.read_exact(&mut head).await.expect("a response");
+    assert_eq!(&head, b"HTTP/1.1 200");
+
     let mut stalled = Vec::new();
     for _ in 0..300 {
         let mut tcp = connect(admin).await.expect("connect to the admin endpoint");
@@ -201,7 +212,7 @@ async fn half_sent_admin_requests_are_closed_and_devices_are_still_served() {
     // Every half-sent request is closed within the header-read timeout (plus slack).
     let limit = tlsbridge::admin::HEADER_READ_TIMEOUT + Duration::from_secs(5);
     let started = Instant::now();
-    for tcp in &mut stalled {
+    for tcp in std::iter::once(&mut kept_alive).chain(&mut stalled) {
         let left = limit.saturating_sub(started.elapsed());
         assert!(
             closed_within(tcp, left).await,
@@ -211,10 +222,10 @@ async fn half_sent_admin_requests_are_closed_and_devices_are_still_served() {
     // Only this side's 300 sockets are still open: the proxy gave its descriptors back.
     let during = open_descriptors();
     assert!(
-        during <= before + 300 + 8,
-        "descriptors: {before} before, {during} with the 300 client sockets"
+        during <= before + 301 + 8,
+        "descriptors: {before} before, {during} with the 301 client sockets"
     );
-    drop(stalled);
+    drop((stalled, kept_alive));
     let (status, _) = tokio::task::spawn_blocking(move || {
         tlsbridge::cli::admin_client::get(admin, "/healthz").unwrap()
     })
