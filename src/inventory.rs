@@ -171,7 +171,8 @@ impl State {
             .as_secs_f64();
         self.new_tokens =
             (self.new_tokens + elapsed * NEW_CLIENTS_PER_SECOND).min(NEW_CLIENTS_BURST);
-        self.new_tokens_at = self.new_tokens_at.max(now);
+        // A clock that went back refills nothing, and counting restarts from its new time.
+        self.new_tokens_at = now;
         if self.new_tokens < 1.0 {
             return false;
         }
