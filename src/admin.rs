@@ -1,9 +1,16 @@
 //! The admin endpoint (hyper): `/healthz`, `/readyz`, `/metrics`, `/clients`, `/clients.csv`
 //! and the migration dashboard at `/`.
+//!
+//! It must not become a way to starve the proxy: a request head must arrive within
+//! [`HEADER_READ_TIMEOUT`] (also the keep-alive timeout between requests), a connection lives at
+//! most [`CONNECTION_LIFETIME`], and at most [`MAX_CONNECTIONS`] are open at once (more are
+//! closed at accept).
+//! With `admin.token_file`, every page but the probes needs `Authorization: Bearer <token>`.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -15,30 +22,54 @@ use hyper::header::{
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::audit::Sinks;
 use crate::dashboard::{self, Sort};
+use crate::secret::Secret;
 
 /// The dashboard runs no script and loads nothing: only its inline style is allowed.
 const DASHBOARD_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; \
                              form-action 'none'; frame-ancestors 'none'";
 
 /// Pause after a failed accept (out of descriptors), so the loop does not spin.
-const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A request head (request line and headers) must be complete this long after the connection
+/// starts waiting for it, or the connection is closed. hyper starts this timer whenever it waits
+/// for a request, so it is also the keep-alive timeout: an idle connection is closed this long
+/// after its last response.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest an admin connection stays open, keep-alive included: then it is closed after the
+/// response in progress (and at once [`CLOSE_GRACE`] later). Scrapers simply reconnect.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// How long a response in progress gets at the end of [`CONNECTION_LIFETIME`].
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Admin connections open at once; a connection past it is closed at accept.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Paths anyone who can reach the endpoint may ask: the probes.
+const OPEN_PATHS: [&str; 2] = ["/healthz", "/readyz"];
 
 /// What the endpoint reports on.
 pub struct AdminState {
     pub sinks: Arc<Sinks>,
     /// True once every listener is bound and until draining starts.
     pub ready: AtomicBool,
+    /// `admin.token_file`'s token: required for everything but the probes when set.
+    pub token: Option<Secret>,
 }
 
 /// Serves until `stop` is cancelled. Each connection gets its own task.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, _) = tokio::select! {
             () = stop.cancelled() => return,
@@ -51,17 +82,36 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(
+                max = MAX_CONNECTIONS,
+                "admin connection closed at accept: too many open"
+            );
+            continue;
+        };
         let state = state.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(respond(&state, &req)) }
             });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+            }
+            conn.as_mut().graceful_shutdown();
             tokio::select! {
                 _ = conn => {}
                 () = stop.cancelled() => {}
+                () = tokio::time::sleep(CLOSE_GRACE) => {}
             }
         });
     }
@@ -79,6 +129,20 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
     let path = req.uri().path();
     if !known.contains(&path) {
         return reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into());
+    }
+    if let Some(token) = &state.token {
+        if !OPEN_PATHS.contains(&path) && !authorized(req, token) {
+            let mut response = reply(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                "a bearer token is required (admin.token_file)\n".into(),
+            );
+            response.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tlsbridge\""),
+            );
+            return response;
+        }
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut response = reply(
@@ -149,6 +213,31 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             reply(StatusCode::OK, "application/json", json + "\n")
         }
     }
+}
+
+/// True when the request carries `Authorization: Bearer <token>` with the right token.
+fn authorized(req: &Request<Incoming>, token: &Secret) -> bool {
+    let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) else {
+        return false;
+    };
+    let value = value.as_bytes();
+    let scheme = b"bearer ";
+    if value.len() < scheme.len() || !value[..scheme.len()].eq_ignore_ascii_case(scheme) {
+        return false;
+    }
+    let given = value[scheme.len()..].trim_ascii();
+    constant_time_eq(given, token.expose().as_bytes())
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess was
+/// right (only, at most, whether its length was).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let longest = a.len().max(b.len());
+    let mut diff = u8::from(a.len() != b.len());
+    for i in 0..longest {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    diff == 0
 }
 
 /// Headers for a page that lists vulnerable devices: not cached, not sniffed, plus `extra`.
@@ -227,6 +316,7 @@ mod tests {
         let state = Arc::new(AdminState {
             sinks: Arc::new(Sinks::new(inventory, None)),
             ready: AtomicBool::new(true),
+            token: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -266,6 +356,53 @@ mod tests {
         assert!(body.is_empty(), "{body}");
         let (head, _) = get("/clients.csv", "POST").await.unwrap();
         assert!(head.starts_with("http/1.1 405"), "{head}");
+        stop.cancel();
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        for wrong in [&b""[..], b"secre", b"secret!", b"Secret", b"\0ecret"] {
+            assert!(!constant_time_eq(wrong, b"secret"), "{wrong:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_token_guards_everything_but_the_probes() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = Arc::new(AdminState {
+            sinks: Arc::new(Sinks::new(Inventory::load(dir.path(), 10).unwrap(), None)),
+            ready: AtomicBool::new(true),
+            token: Some(Secret::new("s3cret-token")),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, state, stop.clone()));
+        let get = |path: &str, auth: &str| {
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+            tokio::task::spawn_blocking(move || exchange(port, &request).0)
+        };
+        for path in ["/", "/metrics", "/clients", "/clients.csv"] {
+            for auth in [
+                "",
+                "Authorization: Bearer wrong\r\n",
+                "Authorization: Basic s3cret-token\r\n",
+            ] {
+                let head = get(path, auth).await.unwrap();
+                assert!(head.starts_with("http/1.1 401"), "{path} {auth:?}: {head}");
+                assert!(head.contains("www-authenticate: bearer"), "{head}");
+            }
+            let head = get(path, "Authorization: Bearer s3cret-token\r\n")
+                .await
+                .unwrap();
+            assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+        }
+        for path in ["/healthz", "/readyz"] {
+            let head = get(path, "").await.unwrap();
+            assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+        }
         stop.cancel();
     }
 }

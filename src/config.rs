@@ -35,6 +35,16 @@ fn invalid(key: impl fmt::Display, reason: impl fmt::Display) -> ConfigError {
     ConfigError(format!("{key}: {reason}"))
 }
 
+/// The longest `device_tls.handshake_timeout`, `upstream_tls.connect_timeout`,
+/// `limits.drain_timeout` and `state_save_interval`.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The longest `limits.idle_timeout`.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// The most `limits.max_connections` and `limits.max_inventory_clients`.
+pub const MAX_COUNT: usize = 1_000_000;
+/// The most `limits.connect_rate_per_ip`.
+pub const MAX_CONNECT_RATE: u32 = 100_000;
+
 /// The whole configuration, as loaded and validated.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,6 +90,13 @@ pub struct AdminConfig {
     /// devices.
     #[serde(default)]
     pub per_device_metrics: Option<bool>,
+    /// A file holding the bearer token that `/`, `/metrics` and `/clients*` require (its
+    /// content, surrounding whitespace trimmed); `None`: no token.
+    #[serde(default, deserialize_with = "optional_path")]
+    pub token_file: Option<PathBuf>,
+    /// The token read from `token_file` at load time.
+    #[serde(skip)]
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -109,8 +126,10 @@ pub struct UpstreamTlsConfig {
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     pub max_connections: usize,
-    /// 0: no per-address limit.
+    /// 0: no per-address limit. IPv6 addresses count per /64.
     pub max_connections_per_ip: usize,
+    /// New connections per second per address (IPv6: per /64), burst twice that; 0: no limit.
+    pub connect_rate_per_ip: u32,
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
     #[serde(deserialize_with = "duration")]
@@ -288,6 +307,10 @@ impl Config {
         })?;
         config.oauth.client_secret = env_secret;
         config.validate()?;
+        config.admin.token = match &config.admin.token_file {
+            Some(path) => Some(read_token(path)?),
+            None => None,
+        };
         Ok(config)
     }
 
@@ -315,8 +338,53 @@ impl Config {
                 return Err(invalid(key, "must be longer than zero"));
             }
         }
-        if self.limits.max_connections == 0 {
+        let limits = &self.limits;
+        for (key, value, max) in [
+            ("state_save_interval", self.state_save_interval, MAX_TIMEOUT),
+            (
+                "device_tls.handshake_timeout",
+                self.device_tls.handshake_timeout,
+                MAX_TIMEOUT,
+            ),
+            (
+                "upstream_tls.connect_timeout",
+                self.upstream_tls.connect_timeout,
+                MAX_TIMEOUT,
+            ),
+            ("limits.drain_timeout", limits.drain_timeout, MAX_TIMEOUT),
+            ("limits.idle_timeout", limits.idle_timeout, MAX_IDLE_TIMEOUT),
+        ] {
+            if value > max {
+                return Err(invalid(
+                    key,
+                    format!("must be at most {}", humantime::format_duration(max)),
+                ));
+            }
+        }
+        if limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        for (key, value, max) in [
+            ("limits.max_connections", limits.max_connections, MAX_COUNT),
+            (
+                "limits.max_connections_per_ip",
+                limits.max_connections_per_ip,
+                limits.max_connections,
+            ),
+            (
+                "limits.max_inventory_clients",
+                limits.max_inventory_clients,
+                MAX_COUNT,
+            ),
+            (
+                "limits.connect_rate_per_ip",
+                limits.connect_rate_per_ip as usize,
+                MAX_CONNECT_RATE as usize,
+            ),
+        ] {
+            if value > max {
+                return Err(invalid(key, format!("must be at most {max}")));
+            }
         }
         let mut names = HashSet::new();
         let mut listens = HashSet::new();
@@ -353,6 +421,16 @@ impl Route {
                 "\"tcp\" carries opaque bytes and cannot do STARTTLS; use smtp, imap or pop3"
                     .into(),
             ));
+        }
+        if !self.sni_allow.is_empty() && !matches!(self.upstream, Upstream::Sni { .. }) {
+            return Err((
+                "sni_allow",
+                "only routes with upstream = \"sni:PORT\" use sni_allow; remove it or route by SNI"
+                    .into(),
+            ));
+        }
+        for pattern in &self.sni_allow {
+            check_sni_pattern(pattern).map_err(|reason| ("sni_allow", reason))?;
         }
         if let Upstream::Sni { .. } = self.upstream {
             if self.device_tls != DeviceMode::Tls {
@@ -749,6 +827,55 @@ fn take_env_secret(vars: &mut HashMap<String, String>) -> Option<Secret> {
         .filter(|secret| !secret.is_empty())
 }
 
+/// Top-level names reserved for private or special use (RFC 2606, RFC 6761, RFC 6762, ICANN's
+/// `internal`): a wildcard directly under one of them names no public domain.
+const PRIVATE_TLDS: [&str; 6] = [
+    "test",
+    "example",
+    "invalid",
+    "localhost",
+    "local",
+    "internal",
+];
+
+/// An `sni_allow` entry: a host name, or `*.` and a name of at least two labels (`*.example.com`)
+/// or a private top-level name (`*.test`, `*.internal`); never `*`, `*.com` or an empty entry.
+fn check_sni_pattern(pattern: &str) -> Result<(), String> {
+    let shown = crate::text::printable(pattern);
+    let narrow = |suffix: &str| {
+        suffix.contains('.') || PRIVATE_TLDS.contains(&suffix.to_ascii_lowercase().as_str())
+    };
+    match pattern.strip_prefix("*.") {
+        Some(suffix) if crate::text::is_host_name(suffix) && narrow(suffix) => Ok(()),
+        Some(_) => Err(format!(
+            "{shown:?}: a wildcard must cover one label under a name of at least two labels, \
+             such as \"*.example.com\""
+        )),
+        None if crate::text::is_host_name(pattern) => Ok(()),
+        None => Err(format!(
+            "{shown:?} is not a host name (letters, digits, hyphens and dots; \"*.\" for one label)"
+        )),
+    }
+}
+
+/// Reads `admin.token_file`: its content with surrounding whitespace trimmed, never empty.
+fn read_token(path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        invalid(
+            "admin.token_file",
+            format!("cannot read {}: {err}", path.display()),
+        )
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(invalid(
+            "admin.token_file",
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(Secret::new(token))
+}
+
 fn yes() -> bool {
     true
 }
@@ -1120,5 +1247,111 @@ mod tests {
         let v6: Upstream = "[::1]:993".parse().unwrap();
         assert_eq!(v6.to_string(), "[::1]:993");
         assert!("host:0".parse::<Upstream>().is_err());
+    }
+
+    const SNI_ROUTE: &str = "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:1\"\n\
+        protocol = \"tcp\"\ndevice_tls = \"tls\"\nupstream = \"sni:443\"\n\
+        upstream_tls = \"tls\"\n";
+
+    #[test]
+    fn values_past_their_bound_are_refused_naming_the_key() {
+        let cases = [
+            ("state_save_interval = \"2h\"\n", "state_save_interval"),
+            (
+                "[device_tls]\nhandshake_timeout = \"3601s\"\n",
+                "device_tls.handshake_timeout",
+            ),
+            (
+                "[upstream_tls]\nconnect_timeout = \"100years\"\n",
+                "upstream_tls.connect_timeout",
+            ),
+            ("[limits]\ndrain_timeout = \"2h\"\n", "limits.drain_timeout"),
+            ("[limits]\nidle_timeout = \"25h\"\n", "limits.idle_timeout"),
+            (
+                "[limits]\nmax_connections = 1000001\n",
+                "limits.max_connections",
+            ),
+            (
+                "[limits]\nmax_connections = 10\nmax_connections_per_ip = 11\n",
+                "limits.max_connections_per_ip",
+            ),
+            (
+                "[limits]\nmax_inventory_clients = 1000001\n",
+                "limits.max_inventory_clients",
+            ),
+            (
+                "[limits]\nconnect_rate_per_ip = 100001\n",
+                "limits.connect_rate_per_ip",
+            ),
+            (
+                "[limits]\nmax_connections = 9223372036854775807\n",
+                "limits.max_connections",
+            ),
+        ];
+        for (file, key) in cases {
+            let err = load(file, &[]).expect_err(file).to_string();
+            assert!(err.starts_with(key), "{err:?} should name {key}");
+            assert!(err.contains("at most"), "{err:?} should give the bound");
+        }
+        // The bounds themselves load.
+        let config = load(
+            "state_save_interval = \"1h\"\n[limits]\nidle_timeout = \"24h\"\n\
+             max_connections = 1000000\nmax_connections_per_ip = 1000000\n\
+             max_inventory_clients = 1000000\nconnect_rate_per_ip = 0\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.limits.max_connections, MAX_COUNT);
+        assert_eq!(load("", &[]).unwrap().limits.connect_rate_per_ip, 20);
+    }
+
+    #[test]
+    fn sni_allow_takes_host_names_and_narrow_wildcards_on_sni_routes_only() {
+        for good in [
+            "a.example",
+            "*.b.example",
+            "localhost",
+            "*.localhost",
+            "*.test",
+        ] {
+            let file = format!("{SNI_ROUTE}sni_allow = [\"{good}\"]\n");
+            load(&file, &[]).unwrap_or_else(|err| panic!("{good}: {err}"));
+        }
+        for bad in [
+            "*", "*.com", "*.COM", "", "*.", "a..b", "a b.test", "*.*.test", "x_y.test", "a.*.test",
+        ] {
+            let file = format!("{SNI_ROUTE}sni_allow = [\"a.test\", {bad:?}]\n");
+            let err = load(&file, &[]).expect_err(bad).to_string();
+            assert!(err.starts_with("route[0].sni_allow"), "{bad:?}: {err}");
+        }
+        let fixed = "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:1\"\nprotocol = \"tcp\"\n\
+                     device_tls = \"tls\"\nupstream = \"h:1\"\nupstream_tls = \"tls\"\n\
+                     sni_allow = [\"a.test\"]\n";
+        let err = load(fixed, &[]).unwrap_err().to_string();
+        assert!(err.starts_with("route[0].sni_allow"), "{err}");
+    }
+
+    #[test]
+    fn the_admin_token_file_is_read_trimmed_and_must_hold_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  s3cret\n").unwrap();
+        let file = format!("[admin]\ntoken_file = {:?}\n", path.display().to_string());
+        let config = load(&file, &[]).unwrap();
+        assert_eq!(
+            config.admin.token.as_ref().map(Secret::expose),
+            Some("s3cret")
+        );
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert!(load("", &[]).unwrap().admin.token.is_none());
+        std::fs::write(&path, " \n\t").unwrap();
+        let err = load(&file, &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("admin.token_file") && err.contains("empty"),
+            "{err}"
+        );
+        std::fs::remove_file(&path).unwrap();
+        let err = load(&file, &[]).unwrap_err().to_string();
+        assert!(err.starts_with("admin.token_file"), "{err}");
     }
 }

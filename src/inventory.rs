@@ -94,7 +94,29 @@ pub struct Sighting<'a> {
     pub ehlo: Option<&'a str>,
 }
 
-/// The in-memory inventory, bounded to `max_clients` entries (the least recently seen go first).
+/// Entries one IPv4 address... one IPv6 /64 may hold: a host with many addresses cannot fill the
+/// inventory.
+pub const MAX_CLIENTS_PER_PREFIX: usize = 16;
+
+/// New entries admitted per second (a token bucket, [`NEW_CLIENTS_BURST`] at once): a site's
+/// devices arriving together are all recorded, a flood of new addresses cannot flush the known
+/// ones. Entries already in the inventory are always updated.
+pub const NEW_CLIENTS_PER_SECOND: f64 = 10.0;
+pub const NEW_CLIENTS_BURST: f64 = 50.0;
+
+/// The key entries are counted under for [`MAX_CLIENTS_PER_PREFIX`]: an IPv4 address (IPv4-mapped
+/// included) as is, an IPv6 address as its /64.
+fn prefix_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(v6) & !((1u128 << 64) - 1),
+        )),
+        v4 => v4,
+    }
+}
+
+/// The in-memory inventory, bounded to `max_clients` entries (the least recently seen go first),
+/// [`MAX_CLIENTS_PER_PREFIX`] per IPv6 /64, with new entries admitted at a bounded rate.
 pub struct Inventory {
     state: Mutex<State>,
     max_clients: usize,
@@ -105,6 +127,71 @@ pub struct Inventory {
 struct State {
     clients: HashMap<IpAddr, Client>,
     days: BTreeMap<String, DayCounts>,
+    /// `(last_seen, ip)` of every client: the least recently seen is the first, found without a
+    /// scan.
+    by_last_seen: BTreeSet<(String, IpAddr)>,
+    /// Entries per [`prefix_of`].
+    per_prefix: HashMap<IpAddr, usize>,
+    /// Tokens for new entries, and when they were counted.
+    new_tokens: f64,
+    new_tokens_at: SystemTime,
+}
+
+impl State {
+    fn new(clients: Vec<Client>, days: BTreeMap<String, DayCounts>, now: SystemTime) -> State {
+        let mut state = State {
+            clients: HashMap::new(),
+            days,
+            by_last_seen: BTreeSet::new(),
+            per_prefix: HashMap::new(),
+            new_tokens: NEW_CLIENTS_BURST,
+            new_tokens_at: now,
+        };
+        for client in clients {
+            if state.clients.contains_key(&client.ip) {
+                continue;
+            }
+            state
+                .by_last_seen
+                .insert((client.last_seen.clone(), client.ip));
+            *state.per_prefix.entry(prefix_of(client.ip)).or_insert(0) += 1;
+            state.clients.insert(client.ip, client);
+        }
+        state
+    }
+
+    /// True when a new entry for `ip` may be added now (and takes its token).
+    fn admit_new(&mut self, ip: IpAddr, now: SystemTime) -> bool {
+        if self.per_prefix.get(&prefix_of(ip)).copied().unwrap_or(0) >= MAX_CLIENTS_PER_PREFIX {
+            return false;
+        }
+        let elapsed = now
+            .duration_since(self.new_tokens_at)
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64();
+        self.new_tokens =
+            (self.new_tokens + elapsed * NEW_CLIENTS_PER_SECOND).min(NEW_CLIENTS_BURST);
+        // A clock that went back refills nothing, and counting restarts from its new time.
+        self.new_tokens_at = now;
+        if self.new_tokens < 1.0 {
+            return false;
+        }
+        self.new_tokens -= 1.0;
+        true
+    }
+
+    fn remove(&mut self, ip: IpAddr) {
+        if let Some(client) = self.clients.remove(&ip) {
+            self.by_last_seen.remove(&(client.last_seen, ip));
+            let prefix = prefix_of(ip);
+            if let Some(count) = self.per_prefix.get_mut(&prefix) {
+                *count -= 1;
+                if *count == 0 {
+                    self.per_prefix.remove(&prefix);
+                }
+            }
+        }
+    }
 }
 
 impl Inventory {
@@ -130,10 +217,10 @@ impl Inventory {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => (Vec::new(), BTreeMap::new()),
             Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
         };
-        prune_days(&mut days, clock());
-        let clients = clients.into_iter().map(|c| (c.ip, c)).collect();
+        let now = clock();
+        prune_days(&mut days, now);
         Ok(Inventory {
-            state: Mutex::new(State { clients, days }),
+            state: Mutex::new(State::new(clients, days, now)),
             max_clients: max_clients.max(1),
             path,
             clock,
@@ -154,19 +241,24 @@ impl Inventory {
         let now = rfc3339(at);
         let today = day_of(at);
         let mut state = self.lock();
-        let State { clients, days } = &mut *state;
         // A device counts once a day: it is new today unless it was last seen earlier today.
-        let new_today = match clients.get(&s.ip) {
+        let new_today = match state.clients.get(&s.ip) {
             Some(c) => c.last_seen.get(..10) != Some(today.as_str()),
             None => true,
         };
-        let day = days.entry(today).or_default();
+        let day = state.days.entry(today).or_default();
         *day.connections.entry(s.version.to_string()).or_insert(0) += 1;
         if new_today {
             day.devices += 1;
         }
-        prune_days(days, at);
-        let client = clients.entry(s.ip).or_insert_with(|| Client {
+        prune_days(&mut state.days, at);
+        let known = state.clients.contains_key(&s.ip);
+        if !known && !state.admit_new(s.ip, at) {
+            // Counted in the day's numbers, but no new entry: a flood must not flush the
+            // devices already known.
+            return;
+        }
+        let client = state.clients.entry(s.ip).or_insert_with(|| Client {
             ip: s.ip,
             first_seen: now.clone(),
             last_seen: now.clone(),
@@ -178,7 +270,7 @@ impl Inventory {
             ehlo: String::new(),
             auth: None,
         });
-        client.last_seen = now;
+        let previous = std::mem::replace(&mut client.last_seen, now.clone());
         client.connections += 1;
         *client.versions.entry(s.version.to_string()).or_insert(0) += 1;
         if !s.cipher.is_empty() {
@@ -191,14 +283,17 @@ impl Inventory {
         if let Some(ehlo) = s.ehlo.filter(|e| !e.is_empty()) {
             client.ehlo = ehlo.to_string();
         }
-        if clients.len() > self.max_clients {
-            let oldest = clients
-                .values()
-                .min_by(|a, b| a.last_seen.cmp(&b.last_seen))
-                .map(|c| c.ip);
-            if let Some(ip) = oldest {
-                clients.remove(&ip);
-            }
+        if known {
+            state.by_last_seen.remove(&(previous, s.ip));
+        } else {
+            *state.per_prefix.entry(prefix_of(s.ip)).or_insert(0) += 1;
+        }
+        state.by_last_seen.insert((now, s.ip));
+        while state.clients.len() > self.max_clients {
+            let Some(&(_, oldest)) = state.by_last_seen.first() else {
+                break;
+            };
+            state.remove(oldest);
         }
     }
 
@@ -449,6 +544,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let inventory = Inventory::load(dir.path(), 2).unwrap();
         for ip in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+            std::thread::sleep(Duration::from_millis(1));
             let ip: IpAddr = ip.parse().unwrap();
             inventory.record(&Sighting {
                 ip,
@@ -661,5 +757,80 @@ mod tests {
             );
         }
         assert_eq!(csv_cell("plain"), "plain");
+    }
+
+    #[test]
+    fn a_flood_of_new_addresses_cannot_flush_known_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let (at, clock) = test_clock(day_one());
+        let inventory = Inventory::load_with_clock(dir.path(), 100, clock).unwrap();
+        seen(&inventory, "10.0.0.7", "TLSv1");
+        seen(&inventory, "fd00:1::7", "TLSv1");
+        *at.lock().unwrap() += Duration::from_secs(10);
+        // 300 siblings in one /64 at once: at most 16 entries for the /64.
+        for n in 1..=300u16 {
+            seen(&inventory, &format!("fd00::{n:x}"), "TLSv1");
+        }
+        let of_64 = |inv: &Inventory| {
+            inv.snapshot()
+                .iter()
+                .filter(|c| prefix_of(c.ip) == prefix_of("fd00::1".parse().unwrap()))
+                .count()
+        };
+        assert_eq!(of_64(&inventory), MAX_CLIENTS_PER_PREFIX);
+        // 300 distinct IPv4 addresses at once: the burst, then nothing until tokens come back.
+        for n in 0..300u32 {
+            let ip = std::net::Ipv4Addr::from(0x0a01_0000 + n);
+            seen(&inventory, &ip.to_string(), "TLSv1");
+        }
+        let burst = NEW_CLIENTS_BURST as usize;
+        assert_eq!(
+            inventory.len(),
+            2 + MAX_CLIENTS_PER_PREFIX + burst - MAX_CLIENTS_PER_PREFIX
+        );
+        // Known devices always update, and stay.
+        seen(&inventory, "10.0.0.7", "TLSv1.1");
+        let seven = inventory
+            .snapshot()
+            .into_iter()
+            .find(|c| c.ip.to_string() == "10.0.0.7")
+            .unwrap();
+        assert_eq!(seven.connections, 2);
+        assert!(inventory
+            .snapshot()
+            .iter()
+            .any(|c| c.ip.to_string() == "fd00:1::7"));
+        // A second later, ten more new entries are admitted.
+        *at.lock().unwrap() += Duration::from_secs(1);
+        let before = inventory.len();
+        for n in 1000..1100u32 {
+            let ip = std::net::Ipv4Addr::from(0x0a01_0000 + n);
+            seen(&inventory, &ip.to_string(), "TLSv1");
+        }
+        assert_eq!(inventory.len(), before + NEW_CLIENTS_PER_SECOND as usize);
+    }
+
+    #[test]
+    fn eviction_drops_the_least_recently_seen_by_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (at, clock) = test_clock(day_one());
+        let inventory = Inventory::load_with_clock(dir.path(), 3, clock).unwrap();
+        for ip in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+            seen(&inventory, ip, "TLSv1");
+            *at.lock().unwrap() += Duration::from_secs(1);
+        }
+        seen(&inventory, "10.0.0.1", "TLSv1");
+        *at.lock().unwrap() += Duration::from_secs(1);
+        seen(&inventory, "10.0.0.4", "TLSv1");
+        let mut ips: Vec<String> = inventory
+            .snapshot()
+            .iter()
+            .map(|c| c.ip.to_string())
+            .collect();
+        ips.sort();
+        assert_eq!(ips, ["10.0.0.1", "10.0.0.3", "10.0.0.4"]);
+        let state = inventory.lock();
+        assert_eq!(state.by_last_seen.len(), 3);
+        assert_eq!(state.per_prefix.values().sum::<usize>(), 3);
     }
 }

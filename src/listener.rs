@@ -57,6 +57,18 @@ pub async fn serve(
             );
             continue;
         }
+        // Behind a balancer the socket's peer is the balancer, shared by every device: the
+        // rate applies to directly connected devices only.
+        if !route.route.proxy_protocol && !shared.admission.rate_allows(peer.ip()) {
+            shared.sinks.refused(
+                &route.route,
+                &route.metrics,
+                peer,
+                Refusal::RateLimited,
+                "limits.connect_rate_per_ip reached",
+            );
+            continue;
+        }
         let Some(permit) = shared.admission.global() else {
             session::refuse_busy(&route, &shared, tcp, peer);
             continue;

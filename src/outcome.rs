@@ -124,6 +124,8 @@ pub enum Refusal {
     ProxyUntrusted,
     ProxyHeader,
     TooManyConnections,
+    /// Past `limits.connect_rate_per_ip`.
+    RateLimited,
 }
 
 impl Refusal {
@@ -133,6 +135,7 @@ impl Refusal {
             Refusal::ProxyUntrusted => "proxy_untrusted",
             Refusal::ProxyHeader => "proxy_header",
             Refusal::TooManyConnections => "too_many_connections",
+            Refusal::RateLimited => "rate_limited",
         }
     }
 }

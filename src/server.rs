@@ -67,7 +67,11 @@ impl Server {
             None => None,
         };
         let limits = &config.limits;
-        let admission = Admission::new(limits.max_connections, limits.max_connections_per_ip);
+        let admission = Admission::new(
+            limits.max_connections,
+            limits.max_connections_per_ip,
+            limits.connect_rate_per_ip,
+        );
         let shared = Shared {
             acceptor,
             connector,
@@ -110,6 +114,7 @@ impl Server {
         let admin_state = Arc::new(AdminState {
             sinks: shared.sinks.clone(),
             ready: false.into(),
+            token: shared.config.admin.token.clone(),
         });
         let admin_task = self.admin.map(|listener| {
             info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin endpoint listening");
@@ -161,7 +166,8 @@ impl Server {
         if let Some(admin_task) = admin_task {
             let _ = admin_task.await;
         }
-        save(&shared);
+        let last = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || save(&last)).await;
         info!("stopped");
         Ok(())
     }
@@ -202,7 +208,11 @@ async fn save_periodically(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = every.tick() => save(&shared),
+            _ = every.tick() => {
+                // JSON and fsync are blocking work: off the async workers.
+                let shared = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || save(&shared)).await;
+            }
         }
     }
 }

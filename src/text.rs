@@ -70,6 +70,28 @@ fn is_invisible(c: char) -> bool {
             | '\u{fff9}'..='\u{fffb}')
 }
 
+/// The longest host name (RFC 1035) and the longest label.
+const MAX_HOST_NAME: usize = 253;
+const MAX_LABEL: usize = 63;
+
+/// True when `name` is a DNS host name: dot-separated labels of ASCII letters, digits and
+/// hyphens, 1 to 63 characters each, not starting or ending with a hyphen, 253 characters at
+/// most in all (a trailing dot is not accepted). Underscores are refused too. A device's SNI
+/// must pass this before it is matched, routed on or recorded.
+pub fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_HOST_NAME
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= MAX_LABEL
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +125,32 @@ mod tests {
     fn invalid_utf8_bytes_are_escaped() {
         assert_eq!(printable_bytes(b"ok\xff\n"), "ok\\xff\\n");
         assert_eq!(printable_bytes(b"plain"), "plain");
+    }
+
+    #[test]
+    fn host_names_are_letters_digits_hyphens_and_dots_within_limits() {
+        for good in ["a", "mail.example.com", "x-1.test", "A.B", &"a".repeat(63)] {
+            assert!(is_host_name(good), "{good}");
+        }
+        let long = vec!["a".repeat(63); 4].join(".");
+        assert!(long.len() > 253);
+        for bad in [
+            "",
+            ".",
+            "a..b",
+            "a.",
+            ".a",
+            "-a.test",
+            "a-.test",
+            "a_b.test",
+            "*.test",
+            "x\nFORGED.test",
+            "x\u{1b}[31m.test",
+            "caf\u{e9}.test",
+            &"a".repeat(64),
+            &long,
+        ] {
+            assert!(!is_host_name(bad), "{bad:?}");
+        }
     }
 }

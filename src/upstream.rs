@@ -10,6 +10,8 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 
+mod dns;
+
 use crate::outcome::{Failure, Outcome, UpstreamFailure};
 use crate::protocol::{self, Dialect, LineConn, UpstreamDialogError};
 use crate::tls::modern::{self, ModernConnector, UpstreamTls};
@@ -178,15 +180,16 @@ async fn establish_inner(
     })
 }
 
-/// Resolves `host` and tries its addresses in order.
+/// Resolves `host` (cached, with a bound on concurrent lookups: see `dns`) and tries its
+/// addresses in order.
 async fn connect(host: &str, port: u16) -> Result<TcpStream, UpstreamError> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|source| UpstreamError::Resolve {
-            host: host.to_string(),
-            source,
-        })?
-        .collect();
+    let addrs: Vec<SocketAddr> =
+        dns::resolve(host, port)
+            .await
+            .map_err(|source| UpstreamError::Resolve {
+                host: host.to_string(),
+                source,
+            })?;
     let mut last = None;
     for addr in addrs {
         match TcpStream::connect(addr).await {

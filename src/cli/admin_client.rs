@@ -27,8 +27,17 @@ pub fn local_address(listen: SocketAddr) -> SocketAddr {
 /// GETs `path` from the endpoint bound to `listen` on this host; returns the status code and
 /// the body.
 pub fn get(listen: SocketAddr, path: &str) -> Result<(u16, String)> {
+    get_with_token(listen, path, None)
+}
+
+/// Like [`get`], with `Authorization: Bearer <token>` when a token is given.
+pub fn get_with_token(
+    listen: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String)> {
     let addr = local_address(listen);
-    request(&[addr], &addr.to_string(), path, None)
+    request(&[addr], &addr.to_string(), path, token)
 }
 
 /// An admin endpoint elsewhere: `host:port`, from a base URL such as `http://10.0.0.5:9480`.

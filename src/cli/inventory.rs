@@ -12,7 +12,8 @@ use crate::inventory::{self, Client, Inventory};
 
 /// Returns the rendered inventory (a table, or JSON) and a line naming where it came from.
 pub fn inventory(config: &Config, json: bool) -> Result<(String, String)> {
-    inventory_with(config, json, false, &[], None)
+    let token = config.admin.token.as_ref().map(|t| t.expose());
+    inventory_with(config, json, false, &[], token)
 }
 
 /// Returns the rendered inventory and a line naming where it came from.

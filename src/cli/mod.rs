@@ -49,7 +49,8 @@ pub fn execute(
             CertsAction::ExportCa => certs::export_ca(&config.device_tls),
         }),
         Command::Inventory { json, csv, from } => {
-            let (out, source) = inventory::inventory_with(&config, json, csv, &from, None)?;
+            let (out, source) =
+                inventory::inventory_with(&config, json, csv, &from, health::token(&config))?;
             eprintln!("{source}");
             print(Ok(out))
         }

@@ -44,7 +44,11 @@ impl DeviceTls {
         DeviceTls {
             version: ssl.version_str(),
             cipher: cipher.map(|c| c.name()).unwrap_or("").to_string(),
-            sni: ssl.servername(NameType::HOST_NAME).map(str::to_string),
+            // The servername callback refuses anything else; checked again before it is kept.
+            sni: ssl
+                .servername(NameType::HOST_NAME)
+                .filter(|name| crate::text::is_host_name(name))
+                .map(str::to_string),
             forward_secrecy: matches!(kx, "ECDH" | "DH" | "any" | "ECDHEPSK" | "DHEPSK"),
             handshake,
         }
@@ -59,7 +63,8 @@ impl DeviceTls {
 /// Why a device handshake failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
-    #[error("device sent SNI {0:?}, which sni_allow does not admit")]
+    /// The name as sent, made printable.
+    #[error("device sent SNI {0:?}, which sni_allow does not admit or is not a host name")]
     SniRefused(Option<String>),
     #[error("TLS handshake failed: {0}")]
     Failed(String),
@@ -115,10 +120,11 @@ impl LegacyAcceptor {
         let mut stream = setup(stream).map_err(|err| HandshakeError::Failed(err.to_string()))?;
         let started = std::time::Instant::now();
         if let Err(err) = Pin::new(&mut stream).accept().await {
-            let sni = stream
-                .ssl()
-                .servername(NameType::HOST_NAME)
-                .map(str::to_string);
+            let sni = stream.ssl().servername(NameType::HOST_NAME);
+            if sni.is_some_and(|name| !crate::text::is_host_name(name)) {
+                return Err(HandshakeError::SniRefused(sni.map(crate::text::printable)));
+            }
+            let sni = sni.map(str::to_string);
             if let Some(allow) = &sni_allow {
                 if !allow
                     .iter()
@@ -339,6 +345,15 @@ fn build_context(config: &DeviceTlsConfig) -> Result<SslContext> {
     builder.set_tmp_dh(&dh)?;
     load_identity(&mut builder, &config.cert, &config.key)?;
     builder.set_servername_callback(|ssl, alert| {
+        // A name that is not a host name is refused on every route, before it is matched or
+        // recorded: it would otherwise carry a device's text into logs and the inventory.
+        if ssl
+            .servername(NameType::HOST_NAME)
+            .is_some_and(|name| !crate::text::is_host_name(name))
+        {
+            *alert = SslAlert::UNRECOGNIZED_NAME;
+            return Err(openssl::ssl::SniError::ALERT_FATAL);
+        }
         let Ok(index) = sni_index() else {
             return Ok(());
         };

@@ -7,6 +7,7 @@
 
 mod support;
 
+mod abuse;
 mod accept_backoff;
 mod audit_log;
 mod dashboard;

@@ -19,7 +19,9 @@ pub fn init_logging() {
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
 
+    // No colours: span fields are formatted once and shared by both text layers.
     let output = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
         .with_test_writer()
         .with_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -29,8 +31,40 @@ pub fn init_logging() {
         tracing_subscriber::filter::Targets::new()
             .with_target("tlsbridge::audit", tracing::Level::INFO),
     );
+    // The same log as plain text in memory, for tests that search what was logged.
+    let memory = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer(|| MemoryLog)
+        .with_filter(tracing_subscriber::EnvFilter::new("tlsbridge=debug"));
     let _ = tracing_subscriber::registry()
         .with(output)
         .with(audit)
+        .with(memory)
         .try_init();
+}
+
+fn memory_log() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOG: std::sync::OnceLock<std::sync::Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    LOG.get_or_init(Default::default)
+}
+
+struct MemoryLog;
+
+impl std::io::Write for MemoryLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        memory_log()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Everything in-process proxies have logged so far (all tests of this binary), as text.
+pub fn log_text() -> String {
+    let log = memory_log().lock().unwrap_or_else(|p| p.into_inner());
+    String::from_utf8_lossy(&log).into_owned()
 }

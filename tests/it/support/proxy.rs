@@ -196,12 +196,9 @@ impl Settings {
             .collect();
         let _ = writeln!(toml, "extra_roots = {}", quoted_list(&roots));
         let _ = writeln!(toml, "connect_timeout = \"5s\"");
-        if self.max_connections.is_some()
-            || self.max_connections_per_ip.is_some()
-            || self.drain_timeout.is_some()
-        {
-            let _ = writeln!(toml, "\n[limits]");
-        }
+        let _ = writeln!(toml, "\n[limits]");
+        // Tests open connections in quick loops from one address.
+        let _ = writeln!(toml, "connect_rate_per_ip = 0");
         if let Some(max) = self.max_connections {
             let _ = writeln!(toml, "max_connections = {max}");
         }
