@@ -149,8 +149,10 @@ pub enum Outcome {
     DeviceHandshakeFailed,
     SniRefused,
     Upstream(UpstreamFailure),
-    /// The upstream leg ended abnormally during the relay (reset, or truncated).
+    /// The upstream leg ended abnormally during the relay (a reset or a failed read).
     UpstreamAborted,
+    /// The upstream ended without close_notify and without the protocol's goodbye.
+    UpstreamTruncated,
     /// The device leg ended abnormally during the relay.
     DeviceAborted,
     IdleTimeout,
@@ -172,6 +174,7 @@ impl Outcome {
             Outcome::SniRefused => "sni_refused",
             Outcome::Upstream(failure) => failure.outcome(),
             Outcome::UpstreamAborted => "upstream_aborted",
+            Outcome::UpstreamTruncated => "upstream_truncated",
             Outcome::DeviceAborted => "device_aborted",
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::Shutdown => "shutdown",
@@ -193,6 +196,7 @@ impl Outcome {
             | Outcome::DeviceClosed
             | Outcome::DeviceProtocolError
             | Outcome::UpstreamAborted
+            | Outcome::UpstreamTruncated
             | Outcome::DeviceAborted
             | Outcome::IdleTimeout
             | Outcome::Shutdown

@@ -17,9 +17,10 @@ use crate::context::{RouteCtx, Shared};
 use crate::device::{self, DeviceLeg, DeviceStream};
 use crate::greeting::{self, Legs};
 use crate::outcome::{Failure, Outcome, Refusal, Stall};
+use crate::protocol::goodbye::Goodbye;
 use crate::protocol::{self, smtp, Dialect};
 use crate::proxy_protocol;
-use crate::relay::{self, End, Relayed};
+use crate::relay::{self, Close, End, Relayed};
 use crate::upstream::{LazyUpstream, Start, Target, UpstreamLeg};
 
 /// How long a last reply or close towards a device may take: it may have stopped reading.
@@ -185,64 +186,61 @@ async fn relay_session(
         device: route.route.device_tls,
         upstream: route.route.upstream_tls,
     };
-    let greeting = greeting::for_device(legs, &leg.greeting, &leg.leftover);
-    greeting::send(&mut device, &greeting)
-        .await
-        .map_err(|err| Failure::new(Outcome::DeviceClosed, err))?;
+    let greeting = greeting::for_device(legs, shared.server_name(), &leg.greeting, &leg.leftover);
+    match last_words(greeting::send(&mut device, &greeting)).await {
+        Some(Ok(_)) => {}
+        Some(Err(err)) => return Err(Failure::new(Outcome::DeviceClosed, err)),
+        None => return Err(Failure::stalled(Stall::Write)),
+    }
     let idle = shared.config.limits.idle_timeout;
-    let relayed = relay::run(&mut device, &mut leg.stream, idle, &shared.cancel).await;
+    let mut goodbye = Goodbye::new(dialect);
+    let relayed = relay::run(
+        &mut device,
+        &mut leg.stream,
+        idle,
+        &shared.cancel,
+        &mut goodbye,
+    )
+    .await;
     if dialect == Some(Dialect::Smtp) {
         if let Some(name) = smtp::client_name(&relayed.up.head) {
             record.learned_client_name(name);
         }
     }
-    relay_outcome(relayed, dialect, &mut device, &leg).await
+    relay_outcome(relayed)
 }
 
-/// Carries the way the relay ended to the session's outcome, and to the other leg.
-async fn relay_outcome(
-    relayed: Relayed,
-    dialect: Option<Dialect>,
-    device: &mut DeviceStream,
-    leg: &UpstreamLeg,
-) -> Result<(u64, u64), Failure> {
+/// The session's outcome from the way the relay ended; the relay has already carried the end
+/// to the other leg.
+fn relay_outcome(relayed: Relayed) -> Result<(u64, u64), Failure> {
     let bytes = (relayed.up.bytes, relayed.down.bytes);
-    let goodbye = |up: &[u8], down: &[u8]| {
-        dialect.is_some_and(|dialect| protocol::said_goodbye(dialect, up, down))
-    };
     let failure = match relayed.end {
-        End::Clean => return Ok(bytes),
-        End::Upstream(err)
-            if err.kind() == std::io::ErrorKind::UnexpectedEof
-                && goodbye(&relayed.up.tail, &relayed.down.tail) =>
-        {
-            // A bare FIN after the protocol's own goodbye is a complete session.
-            let _ = last_words(device.shutdown()).await;
-            return Ok(bytes);
-        }
-        End::Upstream(err) => {
-            // Not a clean end: reset the device leg rather than send close_notify, so the device
-            // can tell a truncated reply from a complete one.
-            let _ = device::tcp(device).set_zero_linger();
-            Failure::new(
-                Outcome::UpstreamAborted,
-                format!("upstream leg ended abnormally: {err}"),
-            )
-        }
-        End::Device(err) => {
-            let _ = leg.stream.get_ref().0.set_zero_linger();
-            Failure::new(
-                Outcome::DeviceAborted,
-                format!("device leg ended abnormally: {err}"),
-            )
-        }
-        End::Idle => {
-            let _ = last_words(device.shutdown()).await;
-            Failure::new(
-                Outcome::IdleTimeout,
-                "no data either way for limits.idle_timeout",
-            )
-        }
+        // A device that ends with a bare FIN after a complete exchange is a normal end (legacy
+        // devices often do); the upstream saw the same bare FIN.
+        End::Finished {
+            upstream: Close::Clean | Close::Goodbye,
+            ..
+        } => return Ok(bytes),
+        End::Finished {
+            upstream: Close::Bare,
+            ..
+        } => Failure::new(
+            Outcome::UpstreamTruncated,
+            "upstream leg ended without close_notify and without the protocol's goodbye \
+             (carried to the device as an end without close_notify)",
+        ),
+        End::Upstream(err) => Failure::new(
+            Outcome::UpstreamAborted,
+            format!("upstream leg ended abnormally: {err}"),
+        ),
+        End::Device(err) => Failure::new(
+            Outcome::DeviceAborted,
+            format!("device leg ended abnormally: {err}"),
+        ),
+        End::Idle => Failure::new(
+            Outcome::IdleTimeout,
+            "no data either way for limits.idle_timeout",
+        ),
         End::Cancelled => Failure::new(Outcome::Shutdown, "closed at the end of the drain time"),
     };
     Err(Failure { bytes, ..failure })
