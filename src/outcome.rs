@@ -141,6 +141,9 @@ impl Refusal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Ok,
+    /// The connection closed without sending anything: not a device (a port scan, a
+    /// balancer's TCP check); no upstream session, no `legacy_client`, no inventory entry.
+    DeviceSilent,
     /// The device said goodbye before STARTTLS: a normal end.
     DeviceQuit,
     DeviceClosed,
@@ -166,6 +169,7 @@ impl Outcome {
     pub fn label(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
+            Outcome::DeviceSilent => "device_silent",
             Outcome::DeviceQuit => "device_quit",
             Outcome::DeviceClosed => "device_closed",
             Outcome::DeviceProtocolError => "device_protocol_error",
@@ -192,6 +196,7 @@ impl Outcome {
             }
             Outcome::Upstream(failure) => Some((Leg::Upstream, failure.reason())),
             Outcome::Ok
+            | Outcome::DeviceSilent
             | Outcome::DeviceQuit
             | Outcome::DeviceClosed
             | Outcome::DeviceProtocolError

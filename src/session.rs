@@ -9,6 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+use tokio_util::either::Either;
 use tracing::{debug, field, Span};
 
 use crate::audit::SessionRecord;
@@ -107,8 +108,9 @@ async fn drive(
         Upstream::Fixed { host, port } => Some(target(shared, route, host, *port)),
         Upstream::Sni { .. } => None,
     };
+    // The upstream leg starts with the device's first byte (see each device mode), so a
+    // connection that sends nothing costs the upstream nothing.
     let mut upstream = LazyUpstream::new(target, shared.connector.clone());
-    upstream.start();
     let (mut device, ready) = match (config.device_tls, dialect) {
         (DeviceMode::Starttls, Some(dialect)) => {
             let (device, leg) =
@@ -126,13 +128,27 @@ async fn drive(
             let sni_allow = route.sni_allow.clone();
             let acceptor = &shared.acceptor;
             (
-                device::implicit_tls(acceptor, tcp, sni_allow, deadline, record).await?,
+                device::implicit_tls(acceptor, tcp, sni_allow, deadline, &mut upstream, record)
+                    .await?,
                 None,
             )
         }
-        (DeviceMode::Plain, _) => (device::plain(tcp), None),
+        (DeviceMode::Plain, Some(_)) => {
+            // The device waits for a greeting, which waits for the upstream: start at once.
+            upstream.start();
+            (device::plain(tcp), None)
+        }
+        (DeviceMode::Plain, None) => {
+            device::first_byte(&tcp, deadline).await?;
+            upstream.start();
+            (device::plain(tcp), None)
+        }
     };
-    record.device_established(device.tls.as_ref());
+    // A plain device that waits for its greeting is known once it speaks after it.
+    let known_later = device.tls.is_none() && dialect.is_some();
+    if !known_later {
+        record.device_established(device.tls.as_ref());
+    }
     let leg = match ready {
         Some(leg) => leg,
         None => upstream_for(route, shared, &mut upstream, &mut device, dialect).await?,
@@ -193,6 +209,13 @@ async fn relay_session(
         None => return Err(Failure::stalled(Stall::Write)),
     }
     let idle = shared.config.limits.idle_timeout;
+    if let Either::Right(tcp) = &device {
+        if dialect.is_some() {
+            // A plain device that never speaks after the greeting is not a device.
+            device::first_byte(tcp, Instant::now() + idle).await?;
+            record.device_established(None);
+        }
+    }
     let mut goodbye = Goodbye::new(dialect);
     let relayed = relay::run(
         &mut device,
