@@ -1,10 +1,14 @@
 //! Reconciles who expects a greeting once both legs are encrypted.
 //!
 //! The device expects one when its leg was implicit TLS or plain (after STARTTLS it does not).
-//! The upstream leg has already been read up to its greeting: before STARTTLS, or first thing
-//! after implicit TLS. So the device gets that greeting when it expects one, and otherwise it is
-//! dropped; bytes the upstream sent after an implicit-TLS greeting always go through. From here
-//! on bytes flow untouched.
+//! The upstream leg has already been read up to its greeting: first thing after implicit TLS,
+//! or before STARTTLS. An implicit-TLS upstream's greeting came inside TLS, so a device that
+//! expects one gets it. A STARTTLS upstream sends none after TLS, and its pre-TLS greeting is
+//! unauthenticated text anyone on the path could have written: a device that expects a
+//! greeting gets tlsbridge's own (SMTP `220 <name> ESMTP`, IMAP `* OK`, POP3 `+OK`) instead,
+//! and the pre-TLS text never reaches it. A greeting the device does not expect is dropped;
+//! bytes the upstream sent after an implicit-TLS greeting always go through. From here on bytes
+//! flow untouched.
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -27,14 +31,18 @@ impl Legs {
 }
 
 /// What the device must see before the relay starts, from the upstream's greeting and the
-/// bytes that followed it inside TLS.
-pub fn for_device(legs: Legs, upstream_greeting: &[u8], leftover: &[u8]) -> Vec<u8> {
+/// bytes that followed it inside TLS. `server_name` names tlsbridge in its own greeting.
+pub fn for_device(
+    legs: Legs,
+    server_name: &str,
+    upstream_greeting: &[u8],
+    leftover: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::new();
     if legs.device_expects_greeting() {
         out = match (legs.upstream, legs.dialect) {
-            (UpstreamMode::Starttls, Some(dialect)) => {
-                protocol::greeting_for_device(dialect, upstream_greeting)
-            }
+            // Never the pre-TLS text: tlsbridge's own greeting.
+            (UpstreamMode::Starttls, Some(dialect)) => protocol::own_greeting(dialect, server_name),
             _ => upstream_greeting.to_vec(),
         };
     }
@@ -69,8 +77,8 @@ mod tests {
 
     #[tokio::test]
     async fn each_combination_gets_the_right_greeting_over_a_stream() {
-        let pre_tls = b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n";
-        let cases: [Case; 4] = [
+        let pre_tls = b"* ok [capability IMAP4rev1 STARTTLS AUTH=PLAIN] forged\r\n";
+        let cases: [Case; 5] = [
             (
                 legs(DeviceMode::Tls, UpstreamMode::Tls),
                 b"* OK ready\r\n",
@@ -81,13 +89,19 @@ mod tests {
                 legs(DeviceMode::Tls, UpstreamMode::Starttls),
                 pre_tls,
                 b"",
-                b"* OK ready\r\n",
+                b"* OK gw tlsbridge ready\r\n",
             ),
             (
                 legs(DeviceMode::Starttls, UpstreamMode::Tls),
                 b"* OK ready\r\n",
                 b"",
                 b"",
+            ),
+            (
+                legs(DeviceMode::Plain, UpstreamMode::Starttls),
+                pre_tls,
+                b"",
+                b"* OK gw tlsbridge ready\r\n",
             ),
             (
                 legs(DeviceMode::Plain, UpstreamMode::Tls),
@@ -98,7 +112,7 @@ mod tests {
         ];
         for (legs, greeting, leftover, expected) in cases {
             let (mut ours, mut device) = duplex(1024);
-            let bytes = for_device(legs, greeting, leftover);
+            let bytes = for_device(legs, "gw", greeting, leftover);
             let sent = send(&mut ours, &bytes).await.unwrap();
             drop(ours);
             let mut got = Vec::new();
@@ -106,5 +120,20 @@ mod tests {
             assert_eq!(got, expected, "{legs:?}");
             assert_eq!(sent, expected.len() as u64);
         }
+    }
+
+    #[test]
+    fn own_greetings_per_protocol() {
+        let own = |dialect| {
+            let legs = Legs {
+                dialect: Some(dialect),
+                device: DeviceMode::Tls,
+                upstream: UpstreamMode::Starttls,
+            };
+            for_device(legs, "gw", b"220 evil ESMTP AUTH PLAIN\r\n", b"")
+        };
+        assert_eq!(own(Dialect::Smtp), b"220 gw ESMTP tlsbridge ready\r\n");
+        assert_eq!(own(Dialect::Imap), b"* OK gw tlsbridge ready\r\n");
+        assert_eq!(own(Dialect::Pop3), b"+OK gw tlsbridge ready\r\n");
     }
 }

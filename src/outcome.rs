@@ -144,6 +144,9 @@ impl Refusal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Ok,
+    /// The connection closed without sending anything: not a device (a port scan, a
+    /// balancer's TCP check); no upstream session, no `legacy_client`, no inventory entry.
+    DeviceSilent,
     /// The device said goodbye before STARTTLS: a normal end.
     DeviceQuit,
     DeviceClosed,
@@ -152,8 +155,10 @@ pub enum Outcome {
     DeviceHandshakeFailed,
     SniRefused,
     Upstream(UpstreamFailure),
-    /// The upstream leg ended abnormally during the relay (reset, or truncated).
+    /// The upstream leg ended abnormally during the relay (a reset or a failed read).
     UpstreamAborted,
+    /// The upstream ended without close_notify and without the protocol's goodbye.
+    UpstreamTruncated,
     /// The device leg ended abnormally during the relay.
     DeviceAborted,
     IdleTimeout,
@@ -167,6 +172,7 @@ impl Outcome {
     pub fn label(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
+            Outcome::DeviceSilent => "device_silent",
             Outcome::DeviceQuit => "device_quit",
             Outcome::DeviceClosed => "device_closed",
             Outcome::DeviceProtocolError => "device_protocol_error",
@@ -175,6 +181,7 @@ impl Outcome {
             Outcome::SniRefused => "sni_refused",
             Outcome::Upstream(failure) => failure.outcome(),
             Outcome::UpstreamAborted => "upstream_aborted",
+            Outcome::UpstreamTruncated => "upstream_truncated",
             Outcome::DeviceAborted => "device_aborted",
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::Shutdown => "shutdown",
@@ -192,10 +199,12 @@ impl Outcome {
             }
             Outcome::Upstream(failure) => Some((Leg::Upstream, failure.reason())),
             Outcome::Ok
+            | Outcome::DeviceSilent
             | Outcome::DeviceQuit
             | Outcome::DeviceClosed
             | Outcome::DeviceProtocolError
             | Outcome::UpstreamAborted
+            | Outcome::UpstreamTruncated
             | Outcome::DeviceAborted
             | Outcome::IdleTimeout
             | Outcome::Shutdown

@@ -1,50 +1,195 @@
 //! The relay: both directions at once, half-closes carried across, an idle timeout, byte counts.
 //!
-//! An end is carried faithfully: when one side ends cleanly its reader sees EOF and the other
-//! side gets a clean close (TLS close_notify, then FIN) in that direction only, while the other
-//! direction goes on. When a side ends abnormally (reset, or EOF without close_notify on a TLS
-//! leg), the session stops and the caller must not dress that up as a clean close.
+//! An end is carried as it happened, one direction at a time, after every byte read from that
+//! side has been written and flushed to the other:
+//! - a clean end (close_notify; a FIN on a plain leg; or, from the upstream, a FIN without
+//!   close_notify right after the protocol's own goodbye) gives the other side a clean close
+//!   (close_notify, then FIN) in that direction only, while the other direction goes on;
+//! - a FIN without close_notify gives the other side a FIN without close_notify (the TCP write
+//!   half is shut down, never the TLS session), so a truncated stream stays visibly truncated;
+//! - a reset or a failed read ends the session with a reset of the other side (SO_LINGER 0);
+//! - an idle timeout or a cancellation ends both sides with a FIN and never a close_notify.
 
+use std::future::{poll_fn, Future};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::protocol::goodbye::Goodbye;
 
 /// Bytes read at once per direction. Each open session holds two of these for its whole life,
 /// so this is most of a relayed connection's idle cost; 8 KiB keeps throughput (measured with
 /// scripts/bench.sh) while halving that cost against a full TLS record.
 const CHUNK: usize = 8 * 1024;
 
+/// How long the closing FIN of an idle or cancelled session may take to go out.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How one side of a relayed connection ended its sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// close_notify (or a FIN on a plain leg).
+    Clean,
+    /// A FIN without close_notify right after the protocol's goodbye: carried as clean.
+    Goodbye,
+    /// A FIN without close_notify: carried as such.
+    Bare,
+}
+
 /// How a relay ended.
 #[derive(Debug)]
 pub enum End {
-    /// Both directions ended cleanly.
-    Clean,
+    /// Both directions ended, each as given.
+    Finished { device: Close, upstream: Close },
     /// No byte either way for the idle timeout.
     Idle,
-    /// The device leg failed (reset, or a write to it failed).
+    /// The device leg failed (reset, or a write to it failed); the upstream leg was reset.
     Device(io::Error),
-    /// The upstream leg failed: reset, truncation without close_notify, or a failed write.
+    /// The upstream leg failed (reset, or a write to it failed); the device leg was reset.
     Upstream(io::Error),
     /// The proxy is shutting down and the drain time is over.
     Cancelled,
 }
 
-/// Bytes kept from the start and the end of each direction: enough for a protocol's first
-/// command (the SMTP EHLO that names a device) and its goodbye.
+/// How the peer of a leg ended, from the read that saw the end.
+#[derive(Debug)]
+pub enum PeerEnd {
+    Clean,
+    Bare,
+    Failed(io::Error),
+}
+
+/// A leg of a relayed connection: a stream that can tell how its peer ended and end its own
+/// sending without close_notify.
+pub trait Leg: AsyncRead + AsyncWrite + Unpin {
+    /// How the peer ended; `read` is `Ok` when the read returned no bytes.
+    fn poll_peer_end(&mut self, _cx: &mut Context<'_>, read: io::Result<()>) -> Poll<PeerEnd> {
+        Poll::Ready(match read {
+            Ok(()) => PeerEnd::Clean,
+            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => PeerEnd::Bare,
+            Err(err) => PeerEnd::Failed(err),
+        })
+    }
+
+    /// Sends a FIN without close_notify (the TLS session is left as it is). Pending bytes must
+    /// have been flushed first.
+    fn poll_bare_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Makes the coming close a reset (SO_LINGER 0).
+    fn reset(&self);
+}
+
+impl Leg for TcpStream {
+    fn poll_bare_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_shutdown(cx)
+    }
+
+    fn reset(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl Leg for tokio_openssl::SslStream<TcpStream> {
+    /// OpenSSL 3 reports an end without close_notify as an "unexpected eof" error (the
+    /// acceptor does not set `IGNORE_UNEXPECTED_EOF`, which would make it look clean); a read
+    /// of 0 bytes is asked again, so an OpenSSL that reports both ends as 0 bytes still tells
+    /// them apart (`ZERO_RETURN` is close_notify).
+    fn poll_peer_end(&mut self, cx: &mut Context<'_>, read: io::Result<()>) -> Poll<PeerEnd> {
+        use openssl::ssl::ErrorCode;
+        match read {
+            Ok(()) => {
+                let mut byte = [0u8; 1];
+                Poll::Ready(match ready!(Pin::new(self).poll_peek(cx, &mut byte)) {
+                    Ok(_) => PeerEnd::Clean,
+                    Err(err) if err.code() == ErrorCode::ZERO_RETURN => PeerEnd::Clean,
+                    Err(err) => match err.into_io_error() {
+                        Ok(io) if io.kind() != io::ErrorKind::UnexpectedEof => PeerEnd::Failed(io),
+                        _ => PeerEnd::Bare,
+                    },
+                })
+            }
+            Err(err)
+                if err.kind() == io::ErrorKind::UnexpectedEof
+                    || err.to_string().contains("unexpected eof") =>
+            {
+                Poll::Ready(PeerEnd::Bare)
+            }
+            Err(err) => Poll::Ready(PeerEnd::Failed(err)),
+        }
+    }
+
+    fn poll_bare_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.get_mut()).poll_shutdown(cx)
+    }
+
+    fn reset(&self) {
+        let _ = self.get_ref().set_zero_linger();
+    }
+}
+
+impl Leg for tokio_rustls::client::TlsStream<TcpStream> {
+    fn poll_bare_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+
+    fn reset(&self) {
+        let _ = self.get_ref().0.set_zero_linger();
+    }
+}
+
+impl<T: Leg + ?Sized> Leg for Box<T> {
+    fn poll_peer_end(&mut self, cx: &mut Context<'_>, read: io::Result<()>) -> Poll<PeerEnd> {
+        (**self).poll_peer_end(cx, read)
+    }
+
+    fn poll_bare_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_bare_close(cx)
+    }
+
+    fn reset(&self) {
+        (**self).reset()
+    }
+}
+
+impl<L: Leg, R: Leg> Leg for tokio_util::either::Either<L, R> {
+    fn poll_peer_end(&mut self, cx: &mut Context<'_>, read: io::Result<()>) -> Poll<PeerEnd> {
+        match self {
+            tokio_util::either::Either::Left(l) => l.poll_peer_end(cx, read),
+            tokio_util::either::Either::Right(r) => r.poll_peer_end(cx, read),
+        }
+    }
+
+    fn poll_bare_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            tokio_util::either::Either::Left(l) => l.poll_bare_close(cx),
+            tokio_util::either::Either::Right(r) => r.poll_bare_close(cx),
+        }
+    }
+
+    fn reset(&self) {
+        match self {
+            tokio_util::either::Either::Left(l) => l.reset(),
+            tokio_util::either::Either::Right(r) => r.reset(),
+        }
+    }
+}
+
+/// Bytes kept from the start of each direction: enough for a protocol's first command (the
+/// SMTP EHLO that names a device).
 const KEEP: usize = 64;
 
-/// What passed one way: the byte count (payload only, TLS overhead not included), the first
-/// bytes and the last bytes.
+/// What passed one way: the byte count (payload only, TLS overhead not included) and the first
+/// bytes.
 #[derive(Debug, Default)]
 pub struct Seen {
     pub bytes: u64,
     pub head: Vec<u8>,
-    pub tail: Vec<u8>,
 }
 
 impl Seen {
@@ -52,10 +197,6 @@ impl Seen {
         self.bytes += chunk.len() as u64;
         let room = KEEP.saturating_sub(self.head.len());
         self.head.extend_from_slice(&chunk[..room.min(chunk.len())]);
-        self.tail
-            .extend_from_slice(&chunk[chunk.len().saturating_sub(KEEP)..]);
-        let excess = self.tail.len().saturating_sub(KEEP);
-        self.tail.drain(..excess);
     }
 }
 
@@ -69,143 +210,225 @@ pub struct Relayed {
     pub down: Seen,
 }
 
-/// Copies device -> upstream and upstream -> device until both ends finish or one fails.
-pub async fn run<D, U>(
-    device: &mut D,
-    upstream: &mut U,
-    idle: Duration,
-    cancel: &CancellationToken,
-) -> Relayed
-where
-    D: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let start = Instant::now();
-    let last_activity = AtomicU64::new(0);
-    let (up_seen, down_seen) = (Mutex::default(), Mutex::default());
-    let (mut device_rx, mut device_tx) = tokio::io::split(device);
-    let (mut upstream_rx, mut upstream_tx) = tokio::io::split(upstream);
-    let up = copy(
-        &mut device_rx,
-        &mut upstream_tx,
-        Meter {
-            seen: &up_seen,
-            last_activity: &last_activity,
-            start,
-        },
-        Side::Device,
-    );
-    let down = copy(
-        &mut upstream_rx,
-        &mut device_tx,
-        Meter {
-            seen: &down_seen,
-            last_activity: &last_activity,
-            start,
-        },
-        Side::Upstream,
-    );
-    let end = tokio::select! {
-        result = futures_try_join(up, down) => match result {
-            Ok(()) => End::Clean,
-            Err((Side::Device, err)) => End::Device(err),
-            Err((Side::Upstream, err)) => End::Upstream(err),
-        },
-        () = idle_watch(&last_activity, start, idle) => End::Idle,
-        () = cancel.cancelled() => End::Cancelled,
-    };
-    let seen = |s: Mutex<Seen>| s.into_inner().unwrap_or_else(|p| p.into_inner());
-    Relayed {
-        end,
-        up: seen(up_seen),
-        down: seen(down_seen),
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
     Device,
     Upstream,
 }
 
-impl Side {
-    fn other(self) -> Side {
-        match self {
+/// One direction's progress.
+enum State {
+    Reading,
+    /// The read saw the end (`None`: 0 bytes); asking the leg how it ended.
+    Ending(Option<io::Error>),
+    Writing {
+        pos: usize,
+        len: usize,
+    },
+    Flushing,
+    Closing(Close),
+    Done(Close),
+}
+
+/// One direction: read from one side, write to the other.
+struct Pump {
+    from: Side,
+    buf: Vec<u8>,
+    state: State,
+    seen: Seen,
+}
+
+/// A failed direction: which side failed, and why.
+type Failed = (Side, io::Error);
+
+impl Pump {
+    fn new(from: Side) -> Pump {
+        Pump {
+            from,
+            buf: vec![0u8; CHUNK],
+            state: State::Reading,
+            seen: Seen::default(),
+        }
+    }
+
+    fn to(&self) -> Side {
+        match self.from {
             Side::Device => Side::Upstream,
             Side::Upstream => Side::Device,
         }
     }
-}
 
-/// What one direction records as bytes pass.
-struct Meter<'a> {
-    seen: &'a Mutex<Seen>,
-    last_activity: &'a AtomicU64,
-    start: Instant,
-}
-
-impl Meter<'_> {
-    fn passed(&self, chunk: &[u8]) {
-        let elapsed = self.start.elapsed().as_millis() as u64;
-        self.last_activity.store(elapsed, Ordering::Relaxed);
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .passed(chunk);
+    /// Drives the direction as far as it goes; `moved` is set when bytes passed.
+    fn poll<R: Leg, W: Leg>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+        goodbye: &mut Goodbye,
+        moved: &mut bool,
+    ) -> Poll<Result<Close, Failed>> {
+        loop {
+            match self.state {
+                State::Reading => {
+                    let mut buf = ReadBuf::new(&mut self.buf);
+                    let read = ready!(Pin::new(&mut *reader).poll_read(cx, &mut buf));
+                    let n = buf.filled().len();
+                    let end = match read {
+                        Ok(()) if n > 0 => {
+                            let chunk = &self.buf[..n];
+                            match self.from {
+                                Side::Device => goodbye.from_device(chunk),
+                                Side::Upstream => goodbye.from_upstream(chunk),
+                            }
+                            self.seen.passed(chunk);
+                            *moved = true;
+                            self.state = State::Writing { pos: 0, len: n };
+                            continue;
+                        }
+                        Ok(()) => None,
+                        Err(err) => Some(err),
+                    };
+                    self.state = State::Ending(end);
+                }
+                State::Ending(ref mut err) => {
+                    let read = match err.take() {
+                        None => Ok(()),
+                        Some(err) => Err(err),
+                    };
+                    let end = match reader.poll_peer_end(cx, read) {
+                        Poll::Ready(end) => end,
+                        Poll::Pending => {
+                            // Only a 0-byte read is asked again: keep it that way.
+                            self.state = State::Ending(None);
+                            return Poll::Pending;
+                        }
+                    };
+                    self.state = match end {
+                        PeerEnd::Clean => State::Closing(Close::Clean),
+                        PeerEnd::Bare
+                            if self.from == Side::Upstream && goodbye.upstream_said_goodbye() =>
+                        {
+                            State::Closing(Close::Goodbye)
+                        }
+                        PeerEnd::Bare => State::Closing(Close::Bare),
+                        PeerEnd::Failed(err) => return Poll::Ready(Err((self.from, err))),
+                    };
+                }
+                State::Writing { pos, len } => {
+                    let written =
+                        ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[pos..len]))
+                            .map_err(|err| (self.to(), err))?;
+                    if written == 0 {
+                        let err = io::Error::new(io::ErrorKind::WriteZero, "write returned 0");
+                        return Poll::Ready(Err((self.to(), err)));
+                    }
+                    *moved = true;
+                    self.state = if pos + written == len {
+                        State::Flushing
+                    } else {
+                        State::Writing {
+                            pos: pos + written,
+                            len,
+                        }
+                    };
+                }
+                State::Flushing => {
+                    ready!(Pin::new(&mut *writer).poll_flush(cx))
+                        .map_err(|err| (self.to(), err))?;
+                    self.state = State::Reading;
+                }
+                State::Closing(close) => {
+                    // A peer that already went away cannot be told more: the end stands.
+                    let _ = match close {
+                        Close::Clean | Close::Goodbye => {
+                            ready!(Pin::new(&mut *writer).poll_shutdown(cx))
+                        }
+                        Close::Bare => ready!(writer.poll_bare_close(cx)),
+                    };
+                    self.state = State::Done(close);
+                }
+                State::Done(close) => return Poll::Ready(Ok(close)),
+            }
+        }
     }
 }
 
-/// One direction: read from `from`, write to the other side; on clean EOF, close the other side
-/// in this direction only.
-async fn copy<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    meter: Meter<'_>,
-    from: Side,
-) -> Result<(), (Side, io::Error)>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = reader.read(&mut buf).await.map_err(|err| (from, err))?;
-        if n == 0 {
-            return writer.shutdown().await.map_err(|err| (from.other(), err));
+/// Copies device -> upstream and upstream -> device until both ends finish or one fails, and
+/// carries each end as described in the module documentation.
+pub async fn run<D: Leg, U: Leg>(
+    device: &mut D,
+    upstream: &mut U,
+    idle: Duration,
+    cancel: &CancellationToken,
+    goodbye: &mut Goodbye,
+) -> Relayed {
+    let mut up = Pump::new(Side::Device);
+    let mut down = Pump::new(Side::Upstream);
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
+    let end = poll_fn(|cx| {
+        if cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::Cancelled);
         }
-        writer
-            .write_all(&buf[..n])
-            .await
-            .map_err(|err| (from.other(), err))?;
-        writer.flush().await.map_err(|err| (from.other(), err))?;
-        meter.passed(&buf[..n]);
+        let mut moved = false;
+        let up_done = up.poll(cx, device, upstream, goodbye, &mut moved);
+        let down_done = down.poll(cx, upstream, device, goodbye, &mut moved);
+        let failed = |side: Side, err| match side {
+            Side::Device => End::Device(err),
+            Side::Upstream => End::Upstream(err),
+        };
+        match (up_done, down_done) {
+            (Poll::Ready(Err((side, err))), _) | (_, Poll::Ready(Err((side, err)))) => {
+                return Poll::Ready(failed(side, err));
+            }
+            (Poll::Ready(Ok(device)), Poll::Ready(Ok(upstream))) => {
+                return Poll::Ready(End::Finished { device, upstream });
+            }
+            _ => {}
+        }
+        if moved {
+            sleep.as_mut().reset(Instant::now() + idle);
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(End::Idle),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    match &end {
+        End::Device(_) => upstream.reset(),
+        End::Upstream(_) => device.reset(),
+        End::Idle | End::Cancelled => {
+            // Ended by us while data may be missing: a FIN, never a close_notify.
+            let close = async {
+                let _ = poll_fn(|cx| device.poll_bare_close(cx)).await;
+                let _ = poll_fn(|cx| upstream.poll_bare_close(cx)).await;
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+        }
+        End::Finished { .. } => {}
     }
-}
-
-/// Both directions; the first failure ends both.
-async fn futures_try_join<A, B>(a: A, b: B) -> Result<(), (Side, io::Error)>
-where
-    A: std::future::Future<Output = Result<(), (Side, io::Error)>>,
-    B: std::future::Future<Output = Result<(), (Side, io::Error)>>,
-{
-    tokio::try_join!(a, b).map(|_| ())
-}
-
-/// Resolves once no byte has moved either way for `idle`.
-async fn idle_watch(last_activity: &AtomicU64, start: Instant, idle: Duration) {
-    loop {
-        let last = start + Duration::from_millis(last_activity.load(Ordering::Relaxed));
-        if last.elapsed() >= idle {
-            return;
-        }
-        tokio::time::sleep_until(last + idle).await;
+    Relayed {
+        end,
+        up: up.seen,
+        down: down.seen,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::duplex;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    impl Leg for DuplexStream {
+        fn poll_bare_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(self).poll_shutdown(cx)
+        }
+
+        fn reset(&self) {}
+    }
 
     #[tokio::test]
     async fn half_close_is_carried_and_counts_add_up() {
@@ -213,7 +436,15 @@ mod tests {
         let (mut upstream, mut upstream_peer) = duplex(1024);
         let cancel = CancellationToken::new();
         let relay = tokio::spawn(async move {
-            run(&mut device, &mut upstream, Duration::from_secs(60), &cancel).await
+            let mut goodbye = Goodbye::new(None);
+            run(
+                &mut device,
+                &mut upstream,
+                Duration::from_secs(60),
+                &cancel,
+                &mut goodbye,
+            )
+            .await
         });
         device_peer.write_all(b"request").await.unwrap();
         device_peer.shutdown().await.unwrap();
@@ -229,10 +460,19 @@ mod tests {
             "the device still gets all of the reply"
         );
         let relayed = relay.await.unwrap();
-        assert!(matches!(relayed.end, End::Clean), "{:?}", relayed.end);
+        assert!(
+            matches!(
+                relayed.end,
+                End::Finished {
+                    device: Close::Clean,
+                    upstream: Close::Clean
+                }
+            ),
+            "{:?}",
+            relayed.end
+        );
         assert_eq!((relayed.up.bytes, relayed.down.bytes), (7, 15));
         assert_eq!(relayed.up.head, b"request");
-        assert_eq!(relayed.down.tail, b"the whole reply");
     }
 
     #[tokio::test(start_paused = true)]
@@ -241,7 +481,15 @@ mod tests {
         let (mut upstream, _upstream_peer) = duplex(1024);
         let cancel = CancellationToken::new();
         let relay = tokio::spawn(async move {
-            run(&mut device, &mut upstream, Duration::from_secs(10), &cancel).await
+            let mut goodbye = Goodbye::new(None);
+            run(
+                &mut device,
+                &mut upstream,
+                Duration::from_secs(10),
+                &cancel,
+                &mut goodbye,
+            )
+            .await
         });
         tokio::time::sleep(Duration::from_secs(8)).await;
         device_peer.write_all(b"x").await.unwrap();

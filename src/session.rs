@@ -9,6 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+use tokio_util::either::Either;
 use tracing::{debug, field, Span};
 
 use crate::audit::SessionRecord;
@@ -17,9 +18,10 @@ use crate::context::{RouteCtx, Shared};
 use crate::device::{self, DeviceLeg, DeviceStream};
 use crate::greeting::{self, Legs};
 use crate::outcome::{Failure, Outcome, Refusal, Stall};
+use crate::protocol::goodbye::Goodbye;
 use crate::protocol::{self, smtp, Dialect};
 use crate::proxy_protocol;
-use crate::relay::{self, End, Relayed};
+use crate::relay::{self, Close, End, Relayed};
 use crate::upstream::{LazyUpstream, Start, Target, UpstreamLeg};
 
 /// How long a last reply or close towards a device may take: it may have stopped reading.
@@ -106,8 +108,9 @@ async fn drive(
         Upstream::Fixed { host, port } => Some(target(shared, route, host, *port)),
         Upstream::Sni { .. } => None,
     };
+    // The upstream leg starts with the device's first byte (see each device mode), so a
+    // connection that sends nothing costs the upstream nothing.
     let mut upstream = LazyUpstream::new(target, shared.connector.clone());
-    upstream.start();
     let (mut device, ready) = match (config.device_tls, dialect) {
         (DeviceMode::Starttls, Some(dialect)) => {
             let (device, leg) =
@@ -125,13 +128,27 @@ async fn drive(
             let sni_allow = route.sni_allow.clone();
             let acceptor = &shared.acceptor;
             (
-                device::implicit_tls(acceptor, tcp, sni_allow, deadline, record).await?,
+                device::implicit_tls(acceptor, tcp, sni_allow, deadline, &mut upstream, record)
+                    .await?,
                 None,
             )
         }
-        (DeviceMode::Plain, _) => (device::plain(tcp), None),
+        (DeviceMode::Plain, Some(_)) => {
+            // The device waits for a greeting, which waits for the upstream: start at once.
+            upstream.start();
+            (device::plain(tcp), None)
+        }
+        (DeviceMode::Plain, None) => {
+            device::first_byte(&tcp, deadline).await?;
+            upstream.start();
+            (device::plain(tcp), None)
+        }
     };
-    record.device_established(device.tls.as_ref());
+    // A plain device that waits for its greeting is known once it speaks after it.
+    let known_later = device.tls.is_none() && dialect.is_some();
+    if !known_later {
+        record.device_established(device.tls.as_ref());
+    }
     let leg = match ready {
         Some(leg) => leg,
         None => upstream_for(route, shared, &mut upstream, &mut device, dialect).await?,
@@ -185,64 +202,68 @@ async fn relay_session(
         device: route.route.device_tls,
         upstream: route.route.upstream_tls,
     };
-    let greeting = greeting::for_device(legs, &leg.greeting, &leg.leftover);
-    greeting::send(&mut device, &greeting)
-        .await
-        .map_err(|err| Failure::new(Outcome::DeviceClosed, err))?;
+    let greeting = greeting::for_device(legs, shared.server_name(), &leg.greeting, &leg.leftover);
+    match last_words(greeting::send(&mut device, &greeting)).await {
+        Some(Ok(_)) => {}
+        Some(Err(err)) => return Err(Failure::new(Outcome::DeviceClosed, err)),
+        None => return Err(Failure::stalled(Stall::Write)),
+    }
     let idle = shared.config.limits.idle_timeout;
-    let relayed = relay::run(&mut device, &mut leg.stream, idle, &shared.cancel).await;
+    if let Either::Right(tcp) = &device {
+        if dialect.is_some() {
+            // A plain device that never speaks after the greeting is not a device.
+            device::first_byte(tcp, Instant::now() + idle).await?;
+            record.device_established(None);
+        }
+    }
+    let mut goodbye = Goodbye::new(dialect);
+    let relayed = relay::run(
+        &mut device,
+        &mut leg.stream,
+        idle,
+        &shared.cancel,
+        &mut goodbye,
+    )
+    .await;
     if dialect == Some(Dialect::Smtp) {
         if let Some(name) = smtp::client_name(&relayed.up.head) {
             record.learned_client_name(name);
         }
     }
-    relay_outcome(relayed, dialect, &mut device, &leg).await
+    relay_outcome(relayed)
 }
 
-/// Carries the way the relay ended to the session's outcome, and to the other leg.
-async fn relay_outcome(
-    relayed: Relayed,
-    dialect: Option<Dialect>,
-    device: &mut DeviceStream,
-    leg: &UpstreamLeg,
-) -> Result<(u64, u64), Failure> {
+/// The session's outcome from the way the relay ended; the relay has already carried the end
+/// to the other leg.
+fn relay_outcome(relayed: Relayed) -> Result<(u64, u64), Failure> {
     let bytes = (relayed.up.bytes, relayed.down.bytes);
-    let goodbye = |up: &[u8], down: &[u8]| {
-        dialect.is_some_and(|dialect| protocol::said_goodbye(dialect, up, down))
-    };
     let failure = match relayed.end {
-        End::Clean => return Ok(bytes),
-        End::Upstream(err)
-            if err.kind() == std::io::ErrorKind::UnexpectedEof
-                && goodbye(&relayed.up.tail, &relayed.down.tail) =>
-        {
-            // A bare FIN after the protocol's own goodbye is a complete session.
-            let _ = last_words(device.shutdown()).await;
-            return Ok(bytes);
-        }
-        End::Upstream(err) => {
-            // Not a clean end: reset the device leg rather than send close_notify, so the device
-            // can tell a truncated reply from a complete one.
-            let _ = device::tcp(device).set_zero_linger();
-            Failure::new(
-                Outcome::UpstreamAborted,
-                format!("upstream leg ended abnormally: {err}"),
-            )
-        }
-        End::Device(err) => {
-            let _ = leg.stream.get_ref().0.set_zero_linger();
-            Failure::new(
-                Outcome::DeviceAborted,
-                format!("device leg ended abnormally: {err}"),
-            )
-        }
-        End::Idle => {
-            let _ = last_words(device.shutdown()).await;
-            Failure::new(
-                Outcome::IdleTimeout,
-                "no data either way for limits.idle_timeout",
-            )
-        }
+        // A device that ends with a bare FIN after a complete exchange is a normal end (legacy
+        // devices often do); the upstream saw the same bare FIN.
+        End::Finished {
+            upstream: Close::Clean | Close::Goodbye,
+            ..
+        } => return Ok(bytes),
+        End::Finished {
+            upstream: Close::Bare,
+            ..
+        } => Failure::new(
+            Outcome::UpstreamTruncated,
+            "upstream leg ended without close_notify and without the protocol's goodbye \
+             (carried to the device as an end without close_notify)",
+        ),
+        End::Upstream(err) => Failure::new(
+            Outcome::UpstreamAborted,
+            format!("upstream leg ended abnormally: {err}"),
+        ),
+        End::Device(err) => Failure::new(
+            Outcome::DeviceAborted,
+            format!("device leg ended abnormally: {err}"),
+        ),
+        End::Idle => Failure::new(
+            Outcome::IdleTimeout,
+            "no data either way for limits.idle_timeout",
+        ),
         End::Cancelled => Failure::new(Outcome::Shutdown, "closed at the end of the drain time"),
     };
     Err(Failure { bytes, ..failure })

@@ -33,11 +33,6 @@ pub fn unavailable(reason: &str) -> Vec<u8> {
     format!("* BYE [UNAVAILABLE] upstream unavailable ({reason}), try again later\r\n").into_bytes()
 }
 
-/// `* BYE` near the end of what the upstream sent is its goodbye.
-pub fn said_goodbye(from_upstream: &[u8]) -> bool {
-    from_upstream.windows(5).any(|w| w == b"* BYE")
-}
-
 /// Serves the greeting, CAPABILITY, NOOP and LOGOUT until the device sends `tag STARTTLS`.
 pub async fn device_until_starttls<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut LineConn<S>,
@@ -216,18 +211,6 @@ pub async fn read_greeting<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Removes a `[CAPABILITY ...]` response code from a greeting read before TLS.
-pub fn strip_capabilities(greeting: &[u8]) -> Vec<u8> {
-    let text = String::from_utf8_lossy(greeting);
-    match text
-        .strip_prefix("* OK [CAPABILITY ")
-        .and_then(|rest| rest.split_once(']'))
-    {
-        Some((_, rest)) => format!("* OK{rest}").into_bytes(),
-        None => greeting.to_vec(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,27 +218,10 @@ mod tests {
     use tokio::io::{duplex, AsyncWriteExt};
 
     #[test]
-    fn goodbye_is_bye() {
-        assert!(said_goodbye(b"* BYE bye\r\na OK done\r\n"));
-        assert!(!said_goodbye(b"a OK done\r\n"));
-    }
-
-    #[test]
     fn literals_and_tags() {
         assert_eq!(non_sync_literal("a LOGIN {5+}"), Some(5));
         assert_eq!(non_sync_literal("a LOGIN {5}"), None);
         assert!(valid_tag("a001") && !valid_tag("") && !valid_tag("a*"));
-    }
-
-    #[test]
-    fn pre_tls_capabilities_are_stripped_from_a_forwarded_greeting() {
-        assert_eq!(
-            strip_capabilities(
-                b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] Dovecot ready.\r\n"
-            ),
-            b"* OK Dovecot ready.\r\n"
-        );
-        assert_eq!(strip_capabilities(b"* OK ready\r\n"), b"* OK ready\r\n");
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 //! capabilities. Everything runs over any `AsyncRead + AsyncWrite`, so it is tested over
 //! `tokio::io::duplex` without sockets.
 
+pub mod goodbye;
 pub mod imap;
 pub mod lines;
 pub mod pop3;
@@ -189,23 +190,15 @@ pub async fn upstream_greeting<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// The greeting to show a device that expects one, from a greeting the upstream sent before
-/// STARTTLS: capabilities seen before TLS are not carried across.
-pub fn greeting_for_device(dialect: Dialect, pre_tls_greeting: &[u8]) -> Vec<u8> {
+/// tlsbridge's own greeting, for a device that expects one when the upstream sends none after
+/// TLS (a STARTTLS upstream): never the upstream's pre-TLS text.
+pub fn own_greeting(dialect: Dialect, server_name: &str) -> Vec<u8> {
     match dialect {
-        Dialect::Imap => imap::strip_capabilities(pre_tls_greeting),
-        Dialect::Smtp | Dialect::Pop3 => pre_tls_greeting.to_vec(),
+        Dialect::Smtp => format!("220 {server_name} ESMTP tlsbridge ready\r\n"),
+        Dialect::Imap => format!("* OK {server_name} tlsbridge ready\r\n"),
+        Dialect::Pop3 => format!("+OK {server_name} tlsbridge ready\r\n"),
     }
-}
-
-/// True when the last bytes each side sent are the protocol's own goodbye: an upstream that
-/// then closes without close_notify has still ended the session cleanly.
-pub fn said_goodbye(dialect: Dialect, from_device: &[u8], from_upstream: &[u8]) -> bool {
-    match dialect {
-        Dialect::Smtp => smtp::said_goodbye(from_upstream),
-        Dialect::Imap => imap::said_goodbye(from_upstream),
-        Dialect::Pop3 => pop3::said_goodbye(from_device, from_upstream),
-    }
+    .into_bytes()
 }
 
 /// The first word of a command line, upper-cased, and the rest.
@@ -213,17 +206,4 @@ pub(crate) fn verb(line: &str) -> (String, &str) {
     let line = line.trim_start();
     let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
     (verb.to_ascii_uppercase(), rest.trim())
-}
-
-/// The last complete line of `bytes`, terminator removed, upper-cased.
-pub(crate) fn last_line(bytes: &[u8]) -> Vec<u8> {
-    let trimmed = bytes
-        .strip_suffix(b"\r\n")
-        .or_else(|| bytes.strip_suffix(b"\n"))
-        .unwrap_or(bytes);
-    let start = trimmed
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |i| i + 1);
-    trimmed[start..].to_ascii_uppercase()
 }

@@ -20,11 +20,6 @@ pub fn unavailable(reason: &str) -> Vec<u8> {
     format!("-ERR [SYS/TEMP] upstream unavailable ({reason}), try again later\r\n").into_bytes()
 }
 
-/// `+OK` in answer to the device's QUIT is the server's goodbye.
-pub fn said_goodbye(from_device: &[u8], from_upstream: &[u8]) -> bool {
-    super::last_line(from_device) == b"QUIT" && super::last_line(from_upstream).starts_with(b"+OK")
-}
-
 /// Serves the greeting, CAPA, NOOP and QUIT until the device sends STLS.
 pub async fn device_until_starttls<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut LineConn<S>,
@@ -108,12 +103,6 @@ mod tests {
     use super::*;
     use crate::protocol::testing::{read_until, scripted_server};
     use tokio::io::{duplex, AsyncWriteExt};
-
-    #[test]
-    fn goodbye_is_ok_after_quit() {
-        assert!(said_goodbye(b"QUIT\r\n", b"+OK bye\r\n"));
-        assert!(!said_goodbye(b"RETR 1\r\n", b"+OK 120 octets\r\n"));
-    }
 
     #[tokio::test]
     async fn device_dialog_refuses_credentials_and_reaches_stls() {

@@ -27,12 +27,6 @@ pub fn unavailable(reason: &str) -> Vec<u8> {
     format!("421 4.4.0 upstream unavailable ({reason}), try again later\r\n").into_bytes()
 }
 
-/// A 221 (or 421) reply is the server's goodbye.
-pub fn said_goodbye(from_upstream: &[u8]) -> bool {
-    let last = super::last_line(from_upstream);
-    last.starts_with(b"221") || last.starts_with(b"421")
-}
-
 /// Serves banner, EHLO/HELO, NOOP, RSET and QUIT until the device sends STARTTLS.
 pub async fn device_until_starttls<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut LineConn<S>,
@@ -212,12 +206,6 @@ mod tests {
             seen.extend_from_slice(&buf[..n]);
         }
         String::from_utf8(seen).unwrap()
-    }
-
-    #[test]
-    fn goodbye_is_221_or_421() {
-        assert!(said_goodbye(b"250 OK\r\n221 2.0.0 Bye\r\n"));
-        assert!(!said_goodbye(b"354 go ahead\r\n"));
     }
 
     #[test]

@@ -334,9 +334,10 @@ fn build_context(config: &DeviceTlsConfig) -> Result<SslContext> {
     apply_protocol_settings(&mut builder, config)?;
     // An idle session gives its read and write buffers back to the allocator.
     builder.set_mode(SslMode::RELEASE_BUFFERS);
+    // No IGNORE_UNEXPECTED_EOF: an end without close_notify must stay distinguishable from a
+    // clean one (the relay carries it as such).
     builder.set_options(
-        SslOptions::IGNORE_UNEXPECTED_EOF
-            | SslOptions::NO_COMPRESSION
+        SslOptions::NO_COMPRESSION
             | SslOptions::CIPHER_SERVER_PREFERENCE
             | SslOptions::NO_RENEGOTIATION,
     );

@@ -11,8 +11,7 @@ use crate::support::lines::{contains, contains_ci, preview, Close, Conn, EndOfSt
 use crate::support::proxy::{Proxy, Route};
 use crate::support::upstream::{
     pop3_retr_body, FakeUpstream, MailBehaviour, Mailbox, Service, SessionReport, UpstreamTls,
-    IMAP_CAPABILITY, IMAP_STARTTLS_GREETING, MAILBOX_MESSAGE, POP3_STLS_GREETING,
-    POP3_TLS_GREETING,
+    IMAP_CAPABILITY, IMAP_STARTTLS_GREETING, MAILBOX_MESSAGE, POP3_TLS_GREETING,
 };
 use anyhow::{bail, ensure, Context, Result};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -34,7 +33,9 @@ const EARLY_SASL: &str = "AGVhcmx5LXVzZXIAZWFybHktc2VjcmV0";
 const IMAPS_GREETING_WITH_CAPS: &str =
     "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR ID] fake.m365 IMAPS ready\r\n";
 /// [`IMAP_STARTTLS_GREETING`] with its pre-TLS `[CAPABILITY ...]` code taken out.
-const IMAP_STARTTLS_GREETING_STRIPPED: &str = "* OK fake.m365 IMAP4 service ready\r\n";
+/// tlsbridge's own greetings, shown in place of a STARTTLS upstream's pre-TLS text.
+const OWN_IMAP_GREETING: &str = "* OK localhost tlsbridge ready\r\n";
+const OWN_POP3_GREETING: &str = "+OK localhost tlsbridge ready\r\n";
 
 // ---------------------------------------------------------------------------------------------
 // Device-side clients.
@@ -733,7 +734,7 @@ async fn imap_plain_to_tls_shows_the_upstream_greeting_as_sent() {
 }
 
 #[tokio::test]
-async fn imap_tls_to_starttls_strips_pre_tls_capabilities_from_the_greeting() {
+async fn imap_tls_to_starttls_gets_tlsbridges_own_greeting() {
     let (t, report) = imap_case(
         Mailbox::imap_starttls(MailBehaviour::Normal),
         "tls",
@@ -746,21 +747,21 @@ async fn imap_tls_to_starttls_strips_pre_tls_capabilities_from_the_greeting() {
             .starts_with(IMAP_STARTTLS_GREETING.as_bytes()),
         "the upstream greeted with pre-TLS capabilities: {report:?}"
     );
-    assert_eq!(t.greeting, IMAP_STARTTLS_GREETING_STRIPPED, "{t:?}");
+    assert_eq!(t.greeting, OWN_IMAP_GREETING, "{t:?}");
     assert_upstream_imap_capability(&t);
-    assert_relayed(&report, &t, IMAP_STARTTLS_GREETING_STRIPPED, "");
+    assert_relayed(&report, &t, OWN_IMAP_GREETING, "");
 }
 
 #[tokio::test]
-async fn imap_plain_to_starttls_strips_pre_tls_capabilities_from_the_greeting() {
+async fn imap_plain_to_starttls_gets_tlsbridges_own_greeting() {
     let (t, report) = imap_case(
         Mailbox::imap_starttls(MailBehaviour::Normal),
         "plain",
         DeviceMode::Plain,
     )
     .await;
-    assert_eq!(t.greeting, IMAP_STARTTLS_GREETING_STRIPPED, "{t:?}");
-    assert_relayed(&report, &t, IMAP_STARTTLS_GREETING_STRIPPED, "");
+    assert_eq!(t.greeting, OWN_IMAP_GREETING, "{t:?}");
+    assert_relayed(&report, &t, OWN_IMAP_GREETING, "");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -815,26 +816,26 @@ async fn pop3_plain_to_tls_shows_the_upstream_greeting() {
 }
 
 #[tokio::test]
-async fn pop3_tls_to_starttls_replays_the_pre_tls_greeting() {
+async fn pop3_tls_to_starttls_gets_tlsbridges_own_greeting() {
     let (t, report) = pop3_case(
         Mailbox::pop3_stls(MailBehaviour::Normal),
         "tls",
         DeviceMode::Tls(Legacy::Tls10),
     )
     .await;
-    assert_eq!(format!("{}\r\n", t.greeting), POP3_STLS_GREETING, "{t:?}");
-    assert_relayed(&report, &t, POP3_STLS_GREETING, "");
+    assert_eq!(format!("{}\r\n", t.greeting), OWN_POP3_GREETING, "{t:?}");
+    assert_relayed(&report, &t, OWN_POP3_GREETING, "");
 }
 
 // ---------------------------------------------------------------------------------------------
 // Fail closed: the table of upstream failures is in `fail_closed`.
 
 // ---------------------------------------------------------------------------------------------
-// Injection from the device: a command pipelined behind STARTTLS/STLS never reaches the
-// upstream, and the session inside TLS is not shifted by a reply to it.
+// Injection from the device: a command pipelined behind STARTTLS/STLS closes the session at
+// once: no go-ahead, no TLS, and the command never reaches the upstream.
 
-/// `a STARTTLS\r\na LOGIN x y\r\n` in one write, then a normal session inside TLS.
-async fn imap_pipelined_login_is_discarded(mailbox: Mailbox, upstream_tls: &str, dropped: &str) {
+/// `a STARTTLS\r\na LOGIN x y\r\n` in one write: the session is closed.
+async fn imap_pipelined_login_closes(mailbox: Mailbox, upstream_tls: &str) {
     crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let mut upstream = start_upstream(&pki, mailbox).await;
@@ -852,59 +853,33 @@ async fn imap_pipelined_login_is_discarded(mailbox: Mailbox, upstream_tls: &str,
         .write_all(b"a STARTTLS\r\na LOGIN x y\r\n")
         .await
         .expect("STARTTLS and LOGIN in one write");
-    let start = device.response("a").await.expect("response to STARTTLS");
+    let (rest, _) = device.conn.read_to_close().await.expect("closed");
     assert!(
-        start.untagged.is_empty() && start.status == "OK Begin TLS negotiation now",
-        "{start:?}"
+        !contains(&rest, b"Begin TLS"),
+        "no go-ahead after injected bytes: {}",
+        String::from_utf8_lossy(&rest)
     );
-    let mut tls = device
-        .start_tls(Legacy::Tls10, &proxy.verify())
-        .await
-        .expect("TLS after STARTTLS, with no plaintext reply to the LOGIN in between");
-    let info = crate::support::device::tls_info(tls.conn.get_ref());
-    let (capability, fetched, close) = imap_mail(&mut tls)
-        .await
-        .expect("session inside TLS: replies must not be shifted by a reply to the LOGIN");
-    let t = Transcript {
-        greeting,
-        tls: Some(info),
-        capability,
-        fetched,
-        sent_relayed: tls.conn.sent.clone(),
-        received_relayed: tls.conn.received.clone(),
-        close,
-    };
-    drop(tls);
-    let report = upstream.next_session().await.expect("upstream session");
-    assert!(
-        !contains(&report.after_tls, b"LOGIN x y") && !contains(&report.plaintext, b"LOGIN x y"),
-        "the pipelined LOGIN reached the upstream: {report:?}"
-    );
-    assert_relayed(&report, &t, "", dropped);
+    for report in upstream.settle().await.expect("upstream sessions") {
+        assert!(
+            !contains(&report.after_tls, b"LOGIN x y")
+                && !contains(&report.plaintext, b"LOGIN x y"),
+            "the pipelined LOGIN reached the upstream: {report:?}"
+        );
+    }
 }
 
 #[tokio::test]
-async fn imap_pipelined_login_after_starttls_is_discarded_to_tls() {
-    imap_pipelined_login_is_discarded(
-        Mailbox::imap_tls(),
-        "tls",
-        crate::support::upstream::IMAP_TLS_GREETING,
-    )
-    .await;
+async fn imap_pipelined_login_after_starttls_closes_the_session_to_tls() {
+    imap_pipelined_login_closes(Mailbox::imap_tls(), "tls").await;
 }
 
 #[tokio::test]
-async fn imap_pipelined_login_after_starttls_is_discarded_to_starttls() {
-    imap_pipelined_login_is_discarded(
-        Mailbox::imap_starttls(MailBehaviour::Normal),
-        "starttls",
-        "",
-    )
-    .await;
+async fn imap_pipelined_login_after_starttls_closes_the_session_to_starttls() {
+    imap_pipelined_login_closes(Mailbox::imap_starttls(MailBehaviour::Normal), "starttls").await;
 }
 
-/// `STLS\r\nUSER x\r\n` in one write, then a normal session inside TLS.
-async fn pop3_pipelined_user_is_discarded(mailbox: Mailbox, upstream_tls: &str, dropped: &str) {
+/// `STLS\r\nUSER x\r\n` in one write: the session is closed.
+async fn pop3_pipelined_user_closes(mailbox: Mailbox, upstream_tls: &str) {
     crate::support::init_logging();
     let pki = Pki::new().expect("test PKI");
     let mut upstream = start_upstream(&pki, mailbox).await;
@@ -922,43 +897,29 @@ async fn pop3_pipelined_user_is_discarded(mailbox: Mailbox, upstream_tls: &str, 
         .write_all(b"STLS\r\nUSER x\r\n")
         .await
         .expect("STLS and USER in one write");
-    let status = device.line().await.expect("reply to STLS");
-    assert_eq!(status, "+OK Begin TLS negotiation");
-    let mut tls = device
-        .start_tls(Legacy::Tls10, &proxy.verify())
-        .await
-        .expect("TLS after STLS, with no plaintext reply to the USER in between");
-    let info = crate::support::device::tls_info(tls.conn.get_ref());
-    let (capability, fetched, close) = pop3_mail(&mut tls)
-        .await
-        .expect("session inside TLS: replies must not be shifted by a reply to the USER");
-    let t = Transcript {
-        greeting,
-        tls: Some(info),
-        capability,
-        fetched,
-        sent_relayed: tls.conn.sent.clone(),
-        received_relayed: tls.conn.received.clone(),
-        close,
-    };
-    drop(tls);
-    let report = upstream.next_session().await.expect("upstream session");
+    let (rest, _) = device.conn.read_to_close().await.expect("closed");
     assert!(
-        !contains(&report.after_tls, b"USER x\r\n") && !contains(&report.plaintext, b"USER x\r\n"),
-        "the pipelined USER reached the upstream: {report:?}"
+        !contains(&rest, b"Begin TLS"),
+        "no go-ahead after injected bytes: {}",
+        String::from_utf8_lossy(&rest)
     );
-    assert_relayed(&report, &t, "", dropped);
+    for report in upstream.settle().await.expect("upstream sessions") {
+        assert!(
+            !contains(&report.after_tls, b"USER x\r\n")
+                && !contains(&report.plaintext, b"USER x\r\n"),
+            "the pipelined USER reached the upstream: {report:?}"
+        );
+    }
 }
 
 #[tokio::test]
-async fn pop3_pipelined_user_after_stls_is_discarded_to_tls() {
-    pop3_pipelined_user_is_discarded(Mailbox::pop3_tls(), "tls", POP3_TLS_GREETING).await;
+async fn pop3_pipelined_user_after_stls_closes_the_session_to_tls() {
+    pop3_pipelined_user_closes(Mailbox::pop3_tls(), "tls").await;
 }
 
 #[tokio::test]
-async fn pop3_pipelined_user_after_stls_is_discarded_to_starttls() {
-    pop3_pipelined_user_is_discarded(Mailbox::pop3_stls(MailBehaviour::Normal), "starttls", "")
-        .await;
+async fn pop3_pipelined_user_after_stls_closes_the_session_to_starttls() {
+    pop3_pipelined_user_closes(Mailbox::pop3_stls(MailBehaviour::Normal), "starttls").await;
 }
 
 /// The fake mailbox itself: RETR's dot-stuffing round-trips (guards the checks above).

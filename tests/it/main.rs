@@ -11,6 +11,7 @@ mod abuse;
 mod accept_backoff;
 mod audit_log;
 mod dashboard;
+mod ends;
 mod fail_closed;
 mod imap_pop3;
 mod legacy_ciphers;

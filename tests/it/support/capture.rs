@@ -1,5 +1,5 @@
-//! Keeps every in-process `session_closed` audit event, so a test can check a session's
-//! `outcome` and `sni`. Installed by [`super::init_logging`] beside the test output, since a
+//! Keeps every in-process audit event (`legacy_client`, `session_closed`), so a test can check
+//! a session's `outcome` and `sni`. Installed by [`super::init_logging`] beside the test output, since a
 //! process has one global subscriber.
 
 use std::collections::HashMap;
@@ -50,14 +50,23 @@ impl<S: tracing::Subscriber> Layer<S> for Capture {
         }
         let mut fields = Fields(HashMap::new());
         event.record(&mut fields);
-        if fields.0.get("event").map(String::as_str) != Some("session_closed") {
-            return;
-        }
         if let Ok(mut list) = events().lock() {
             list.push(fields.0);
         }
         new_event().notify_waiters();
     }
+}
+
+/// The audit events `name` (`session_closed`, `legacy_client`) of `route` seen so far.
+pub fn audit(name: &str, route: &str) -> Vec<HashMap<String, String>> {
+    let list = events().lock().unwrap_or_else(|p| p.into_inner());
+    list.iter()
+        .filter(|e| {
+            e.get("event").map(String::as_str) == Some(name)
+                && e.get("route").map(String::as_str) == Some(route)
+        })
+        .cloned()
+        .collect()
 }
 
 /// Waits (at most [`AUDIT_TIMEOUT`]) for the `session_closed` event of the device at `peer` on
@@ -72,7 +81,8 @@ pub async fn session_closed(route: &str, peer: std::net::SocketAddr) -> HashMap<
         let found = events().lock().ok().and_then(|list| {
             list.iter()
                 .find(|e| {
-                    e.get("peer") == Some(&peer)
+                    e.get("event").map(String::as_str) == Some("session_closed")
+                        && e.get("peer") == Some(&peer)
                         && e.get("route").map(String::as_str) == Some(route)
                 })
                 .cloned()

@@ -10,6 +10,7 @@ pub mod lines;
 pub mod ops;
 pub mod peers;
 pub mod proxy;
+pub mod scripted;
 pub mod upstream;
 
 /// Installs the tracing subscriber (once per process): the proxy's log in the test's captured

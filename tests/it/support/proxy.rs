@@ -102,6 +102,8 @@ pub struct Settings {
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<usize>,
     pub drain_timeout: Option<String>,
+    /// `limits.idle_timeout`; `None`: the built-in default.
+    pub idle_timeout: Option<String>,
     /// `state_save_interval`: how often the inventory is written.
     pub state_save_interval: String,
     pub extra_roots: Vec<PathBuf>,
@@ -147,6 +149,7 @@ impl Settings {
             max_connections: None,
             max_connections_per_ip: None,
             drain_timeout: None,
+            idle_timeout: None,
             state_save_interval: "1m".to_string(),
             extra_roots: vec![pki.ca_path.clone()],
             names: vec!["localhost".to_string()],
@@ -207,6 +210,9 @@ impl Settings {
         }
         if let Some(drain) = &self.drain_timeout {
             let _ = writeln!(toml, "drain_timeout = {}", quoted(drain));
+        }
+        if let Some(idle) = &self.idle_timeout {
+            let _ = writeln!(toml, "idle_timeout = {}", quoted(idle));
         }
         for route in &self.routes {
             let _ = writeln!(toml, "\n[[route]]");
