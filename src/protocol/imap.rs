@@ -1,11 +1,17 @@
 //! IMAP (RFC 9051/3501 STARTTLS): the server role towards the device and the client role
-//! towards the upstream, up to the start of TLS.
+//! towards the upstream, up to the start of TLS; and, for `auth = "xoauth2"` routes, the login
+//! after TLS (`LOGIN` and `AUTHENTICATE PLAIN` from the device, `AUTHENTICATE XOAUTH2` to the
+//! upstream).
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use zeroize::Zeroizing;
 
+use crate::secret::Secret;
+
+use super::sasl::{self, SaslError};
 use super::{
-    verb, DialogError, LineConn, StartTls, UpstreamDialogError, MAX_COMMANDS, MAX_LINE,
-    MAX_REPLY_LINES,
+    rejection, verb, DeviceLogin, DialogError, LineConn, Login, LoginAnswer, StartTls,
+    UpstreamAuthError, UpstreamDialogError, MAX_COMMANDS, MAX_LINE, MAX_REPLY_LINES,
 };
 
 const CAPABILITIES: &str = "IMAP4rev1 STARTTLS LOGINDISABLED";
@@ -226,6 +232,187 @@ pub fn strip_capabilities(greeting: &[u8]) -> Vec<u8> {
         Some((_, rest)) => format!("* OK{rest}").into_bytes(),
         None => greeting.to_vec(),
     }
+}
+
+// The login after TLS (`auth = "xoauth2"`).
+
+/// What the device is told before it logs in: plain logins welcome.
+const LOGIN_CAPABILITIES: &str = "IMAP4rev1 SASL-IR AUTH=PLAIN";
+
+/// The tag used for the upstream's AUTHENTICATE.
+const UPSTREAM_TAG: &str = "tb1";
+
+/// Serves CAPABILITY, NOOP, ID and LOGOUT until the device sends `LOGIN user pass` or
+/// `AUTHENTICATE PLAIN` with its credentials. Literals are refused with BAD.
+pub async fn device_until_login<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+) -> Result<DeviceLogin, DialogError> {
+    for _ in 0..MAX_COMMANDS {
+        let line = Zeroizing::new(read_auth_line(conn).await?);
+        let (tag, command) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        if !valid_tag(tag) {
+            conn.send(b"* BAD missing or invalid tag\r\n").await?;
+            continue;
+        }
+        let (command, arg) = verb(command);
+        let login = |user, password| DeviceLogin {
+            login: Login::Password { user, password },
+            tag: Some(tag.to_string()),
+            client_name: None,
+        };
+        let reply = match command.as_str() {
+            "CAPABILITY" => format!(
+                "* CAPABILITY {LOGIN_CAPABILITIES}\r\n{tag} OK CAPABILITY completed\r\n"
+            ),
+            "NOOP" => format!("{tag} OK NOOP completed\r\n"),
+            "ID" => format!("* ID NIL\r\n{tag} OK ID completed\r\n"),
+            "LOGOUT" => {
+                conn.send(format!("* BYE logging out\r\n{tag} OK LOGOUT completed\r\n").as_bytes())
+                    .await?;
+                return Err(DialogError::Quit);
+            }
+            "STARTTLS" => format!("{tag} BAD TLS already active\r\n"),
+            "LOGIN" => match login_arguments(arg) {
+                Ok((user, password)) => return Ok(login(user, password)),
+                Err(why) => format!("{tag} BAD {why}\r\n"),
+            },
+            "AUTHENTICATE" => {
+                let (mechanism, initial) = verb(arg);
+                if mechanism != "PLAIN" {
+                    format!("{tag} NO [CANNOT] unsupported mechanism\r\n")
+                } else {
+                    let response = if initial.is_empty() {
+                        conn.send(b"+ \r\n").await?;
+                        Zeroizing::new(read_auth_line(conn).await?)
+                    } else {
+                        Zeroizing::new(initial.to_string())
+                    };
+                    match sasl::decode_plain(response.as_bytes()) {
+                        Ok(creds) => return Ok(login(creds.user, creds.password)),
+                        Err(SaslError::Cancelled) => {
+                            format!("{tag} BAD authentication cancelled\r\n")
+                        }
+                        Err(err) => format!("{tag} BAD {err}\r\n"),
+                    }
+                }
+            }
+            _ => format!("{tag} BAD log in first\r\n"),
+        };
+        conn.send(reply.as_bytes()).await?;
+    }
+    conn.send(b"* BYE too many commands before login\r\n")
+        .await?;
+    Err(DialogError::TooManyCommands)
+}
+
+/// Reads one line of the login dialog as text, answering an over-long one.
+async fn read_auth_line<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+) -> Result<String, DialogError> {
+    match conn.read_text().await {
+        Err(DialogError::LineTooLong) => {
+            conn.send(b"* BYE line too long\r\n").await?;
+            Err(DialogError::LineTooLong)
+        }
+        line => line,
+    }
+}
+
+/// The user name and password of `LOGIN`: two astrings (atoms or quoted strings).
+fn login_arguments(arg: &str) -> Result<(String, Secret), &'static str> {
+    let (user, rest) = astring(arg)?;
+    let (password, rest) = astring(rest.trim_start())?;
+    let password = Zeroizing::new(password);
+    if !rest.trim().is_empty() {
+        return Err("LOGIN takes two arguments");
+    }
+    if user.is_empty() || user.len() > sasl::MAX_USER || user.chars().any(char::is_control) {
+        return Err("invalid user name");
+    }
+    if password.is_empty() || password.len() > sasl::MAX_PASSWORD {
+        return Err("invalid password");
+    }
+    Ok((user, Secret::new(password.as_str())))
+}
+
+/// One astring at the start of `text` and the rest after it.
+fn astring(text: &str) -> Result<(String, &str), &'static str> {
+    if text.starts_with('{') {
+        return Err("literals are not supported here: send quoted strings");
+    }
+    let Some(quoted) = text.strip_prefix('"') else {
+        let end = text.find(' ').unwrap_or(text.len());
+        let atom = &text[..end];
+        if atom.is_empty() || atom.contains(['"', '\\', '(', ')', '{']) {
+            return Err("LOGIN needs a user name and a password");
+        }
+        return Ok((atom.to_string(), &text[end..]));
+    };
+    let mut value = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Ok((value, &quoted[i + 1..])),
+            '\\' => match chars.next() {
+                Some((_, escaped @ ('"' | '\\'))) => value.push(escaped),
+                _ => return Err("bad escape in a quoted string"),
+            },
+            _ => value.push(c),
+        }
+    }
+    Err("unterminated quoted string")
+}
+
+/// The tagged answer to the device's login.
+pub fn login_answer(login: &DeviceLogin, answer: LoginAnswer) -> Vec<u8> {
+    let tag = login.tag.as_deref().unwrap_or("*");
+    let text = match answer {
+        LoginAnswer::Accepted => "OK authenticated",
+        LoginAnswer::BadPassword => "NO [AUTHENTICATIONFAILED] invalid credentials",
+        LoginAnswer::Unavailable => {
+            "NO [UNAVAILABLE] temporary authentication failure, try again later"
+        }
+    };
+    format!("{tag} {text}\r\n").into_bytes()
+}
+
+/// `AUTHENTICATE XOAUTH2 <initial>` (SASL-IR): a tagged OK is success; a `+` error challenge is
+/// answered with an empty line and the tagged status read.
+pub async fn upstream_xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+    initial: &Secret,
+) -> Result<(), UpstreamAuthError> {
+    let command = Zeroizing::new(format!(
+        "{UPSTREAM_TAG} AUTHENTICATE XOAUTH2 {}\r\n",
+        initial.expose()
+    ));
+    conn.send(command.as_bytes()).await.map_err(DialogError::from)?;
+    let mut challenge = None;
+    for _ in 0..MAX_REPLY_LINES {
+        let line = conn.read_text().await?;
+        if let Some(status) = line
+            .strip_prefix(UPSTREAM_TAG)
+            .and_then(|rest| rest.strip_prefix(' '))
+        {
+            if is_ok(status) {
+                return Ok(());
+            }
+            return Err(UpstreamAuthError::Rejected(rejection(
+                status,
+                challenge.as_ref(),
+            )));
+        }
+        if let Some(b64) = line.strip_prefix('+') {
+            if challenge.is_some() {
+                return Err(UpstreamDialogError::Unexpected("a second challenge".into()).into());
+            }
+            challenge = Some(sasl::decode_xoauth2_challenge(b64.as_bytes()));
+            conn.send(b"\r\n").await.map_err(DialogError::from)?;
+        } else if !line.starts_with("* ") {
+            return Err(UpstreamDialogError::Unexpected(crate::text::printable(&line)).into());
+        }
+    }
+    Err(UpstreamDialogError::Unexpected(format!("more than {MAX_REPLY_LINES} lines")).into())
 }
 
 #[cfg(test)]

@@ -1,10 +1,17 @@
 //! POP3 (RFC 1939 + RFC 2595 STLS): the server role towards the device and the client role
-//! towards the upstream, up to the start of TLS.
+//! towards the upstream, up to the start of TLS; and, for `auth = "xoauth2"` routes, the login
+//! after TLS (`USER`/`PASS` and `AUTH PLAIN` from the device, `AUTH XOAUTH2` to the upstream,
+//! RFC 5034).
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use zeroize::Zeroizing;
 
+use crate::secret::Secret;
+
+use super::sasl::{self, SaslError};
 use super::{
-    verb, DialogError, LineConn, StartTls, UpstreamDialogError, MAX_COMMANDS, MAX_REPLY_LINES,
+    rejection, verb, DeviceLogin, DialogError, LineConn, Login, LoginAnswer, StartTls,
+    UpstreamAuthError, UpstreamDialogError, MAX_COMMANDS, MAX_REPLY_LINES,
 };
 
 /// Over a connection limit, before any dialog.
@@ -101,6 +108,123 @@ pub async fn read_greeting<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let line = crate::text::printable(String::from_utf8_lossy(&raw).trim_end());
     Err(UpstreamDialogError::Greeting(line))
+}
+
+// The login after TLS (`auth = "xoauth2"`).
+
+/// Serves CAPA, NOOP and QUIT until the device has sent `USER` and `PASS`, or `AUTH PLAIN`
+/// with its credentials.
+pub async fn device_until_login<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+) -> Result<DeviceLogin, DialogError> {
+    let mut user: Option<String> = None;
+    let login = |user, password| DeviceLogin {
+        login: Login::Password { user, password },
+        tag: None,
+        client_name: None,
+    };
+    for _ in 0..MAX_COMMANDS {
+        let line = Zeroizing::new(read_auth_line(conn).await?);
+        let (command, arg) = verb(&line);
+        let reply = match command.as_str() {
+            "CAPA" => "+OK capability list follows\r\nUSER\r\nSASL PLAIN\r\n.\r\n".to_string(),
+            "NOOP" => "+OK\r\n".to_string(),
+            "QUIT" => {
+                conn.send(b"+OK bye\r\n").await?;
+                return Err(DialogError::Quit);
+            }
+            "STLS" => "-ERR TLS already active\r\n".to_string(),
+            "USER" if arg.is_empty() || arg.len() > sasl::MAX_USER => {
+                "-ERR invalid user name\r\n".to_string()
+            }
+            "USER" if arg.chars().any(char::is_control) => "-ERR invalid user name\r\n".to_string(),
+            "USER" => {
+                user = Some(arg.to_string());
+                "+OK send PASS\r\n".to_string()
+            }
+            "PASS" => match user.take() {
+                None => "-ERR USER first\r\n".to_string(),
+                Some(_) if arg.is_empty() || arg.len() > sasl::MAX_PASSWORD => {
+                    "-ERR invalid password\r\n".to_string()
+                }
+                Some(name) => return Ok(login(name, Secret::new(arg))),
+            },
+            "AUTH" => {
+                let (mechanism, initial) = verb(arg);
+                match mechanism.as_str() {
+                    "" => "+OK\r\nPLAIN\r\n.\r\n".to_string(),
+                    "PLAIN" => {
+                        let response = if initial.is_empty() {
+                            conn.send(b"+ \r\n").await?;
+                            Zeroizing::new(read_auth_line(conn).await?)
+                        } else {
+                            Zeroizing::new(initial.to_string())
+                        };
+                        match sasl::decode_plain(response.as_bytes()) {
+                            Ok(creds) => return Ok(login(creds.user, creds.password)),
+                            Err(SaslError::Cancelled) => "-ERR authentication cancelled\r\n".into(),
+                            Err(err) => format!("-ERR {err}\r\n"),
+                        }
+                    }
+                    _ => "-ERR unsupported mechanism\r\n".to_string(),
+                }
+            }
+            _ => "-ERR authenticate first\r\n".to_string(),
+        };
+        conn.send(reply.as_bytes()).await?;
+    }
+    conn.send(b"-ERR too many commands before login\r\n")
+        .await?;
+    Err(DialogError::TooManyCommands)
+}
+
+/// Reads one line of the login dialog as text, answering an over-long one.
+async fn read_auth_line<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+) -> Result<String, DialogError> {
+    match conn.read_text().await {
+        Err(DialogError::LineTooLong) => {
+            conn.send(b"-ERR line too long\r\n").await?;
+            Err(DialogError::LineTooLong)
+        }
+        line => line,
+    }
+}
+
+/// The answer to the device's login.
+pub fn login_answer(answer: LoginAnswer) -> Vec<u8> {
+    let text: &[u8] = match answer {
+        LoginAnswer::Accepted => b"+OK logged in\r\n",
+        LoginAnswer::BadPassword => b"-ERR [AUTH] invalid credentials\r\n",
+        LoginAnswer::Unavailable => {
+            b"-ERR [SYS/TEMP] temporary authentication failure, try again later\r\n"
+        }
+    };
+    text.to_vec()
+}
+
+/// `AUTH XOAUTH2 <initial>`: `+OK` is success; a `+` error challenge is answered with an empty
+/// line and the final `-ERR` read.
+pub async fn upstream_xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+    initial: &Secret,
+) -> Result<(), UpstreamAuthError> {
+    let command = Zeroizing::new(format!("AUTH XOAUTH2 {}\r\n", initial.expose()));
+    conn.send(command.as_bytes()).await.map_err(DialogError::from)?;
+    let reply = conn.read_text().await?;
+    if reply.starts_with("+OK") {
+        return Ok(());
+    }
+    if let Some(b64) = reply.strip_prefix('+') {
+        let challenge = sasl::decode_xoauth2_challenge(b64.as_bytes());
+        conn.send(b"\r\n").await.map_err(DialogError::from)?;
+        let last = conn.read_text().await?;
+        return Err(UpstreamAuthError::Rejected(rejection(&last, Some(&challenge))));
+    }
+    if reply.starts_with("-ERR") {
+        return Err(UpstreamAuthError::Rejected(rejection(&reply, None)));
+    }
+    Err(UpstreamDialogError::Unexpected(crate::text::printable(&reply)).into())
 }
 
 #[cfg(test)]
