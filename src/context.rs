@@ -10,9 +10,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
 use crate::audit::Sinks;
-use crate::config::{Config, Route, Upstream};
+use crate::config::{AuthMode, Config, ConfigError, Route, Upstream};
+use crate::credentials::{Credentials, Verifier};
 use crate::limits::Admission;
 use crate::metrics::RouteMetrics;
+use crate::oauth::TokenSource;
 use crate::tls::legacy::LegacyAcceptor;
 use crate::tls::modern::ModernConnector;
 
@@ -27,6 +29,46 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Cancelled when the drain time is over: open relays stop.
     pub cancel: CancellationToken,
+    /// What routes with `auth = "xoauth2"` need; `None` when no route has it.
+    pub auth: Option<AuthShared>,
+}
+
+/// The device credentials and the token source, shared by every xoauth2 session.
+pub struct AuthShared {
+    pub verifier: Verifier,
+    pub tokens: TokenSource,
+}
+
+impl AuthShared {
+    /// Loads the users file and the client credential when a route uses `auth = "xoauth2"`.
+    /// A missing or unreadable file is a config error naming its key.
+    pub fn for_config(config: &Config) -> Result<Option<AuthShared>, ConfigError> {
+        if !config.routes.iter().any(|r| r.auth == AuthMode::Xoauth2) {
+            return Ok(None);
+        }
+        let loaded = Credentials::load(&config.oauth.users_file)?;
+        if let Some(mode) = loaded.loose_mode {
+            tracing::warn!(
+                key = "oauth.users_file",
+                path = %config.oauth.users_file.display(),
+                mode = format!("{mode:04o}"),
+                "the users file is readable by others than its owner; chmod 600 it"
+            );
+        }
+        if loaded.credentials.is_empty() {
+            tracing::warn!(
+                key = "oauth.users_file",
+                "the users file has no users yet; add them with `tlsbridge passwd`"
+            );
+        }
+        let tls = crate::tls::modern::client_config(&config.upstream_tls)
+            .map_err(|err| ConfigError(format!("upstream_tls: {err:#}")))?;
+        let tokens = TokenSource::from_config(&config.oauth, tls)?;
+        Ok(Some(AuthShared {
+            verifier: Verifier::new(loaded.credentials),
+            tokens,
+        }))
+    }
 }
 
 impl Shared {

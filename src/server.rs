@@ -16,7 +16,7 @@ use crate::admin::{self, AdminState};
 use crate::audit::Sinks;
 use crate::certs::{self, Provision};
 use crate::config::{Config, ConfigError, LogFormat};
-use crate::context::{RouteCtx, Shared};
+use crate::context::{AuthShared, RouteCtx, Shared};
 use crate::inventory::Inventory;
 use crate::limits::Admission;
 use crate::listener;
@@ -68,7 +68,9 @@ impl Server {
         };
         let limits = &config.limits;
         let admission = Admission::new(limits.max_connections, limits.max_connections_per_ip);
+        let auth = AuthShared::for_config(&config)?;
         let shared = Shared {
+            auth,
             acceptor,
             connector,
             admission,

@@ -12,10 +12,11 @@ use tokio::time::Instant;
 use tracing::{debug, field, Span};
 
 use crate::audit::SessionRecord;
-use crate::config::{DeviceMode, Upstream, UpstreamMode};
+use crate::config::{AuthMode, DeviceMode, Upstream, UpstreamMode};
 use crate::context::{RouteCtx, Shared};
 use crate::device::{self, DeviceLeg, DeviceStream};
 use crate::greeting::{self, Legs};
+use crate::login;
 use crate::outcome::{Failure, Outcome, Refusal, Stall};
 use crate::protocol::{self, smtp, Dialect};
 use crate::proxy_protocol;
@@ -189,6 +190,9 @@ async fn relay_session(
     greeting::send(&mut device, &greeting)
         .await
         .map_err(|err| Failure::new(Outcome::DeviceClosed, err))?;
+    if let (AuthMode::Xoauth2, Some(dialect)) = (route.route.auth, dialect) {
+        login::run(route, shared, dialect, &mut device, &mut leg, record).await?;
+    }
     let idle = shared.config.limits.idle_timeout;
     let relayed = relay::run(&mut device, &mut leg.stream, idle, &shared.cancel).await;
     if dialect == Some(Dialect::Smtp) {

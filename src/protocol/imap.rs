@@ -261,9 +261,9 @@ pub async fn device_until_login<S: AsyncRead + AsyncWrite + Unpin>(
             client_name: None,
         };
         let reply = match command.as_str() {
-            "CAPABILITY" => format!(
-                "* CAPABILITY {LOGIN_CAPABILITIES}\r\n{tag} OK CAPABILITY completed\r\n"
-            ),
+            "CAPABILITY" => {
+                format!("* CAPABILITY {LOGIN_CAPABILITIES}\r\n{tag} OK CAPABILITY completed\r\n")
+            }
             "NOOP" => format!("{tag} OK NOOP completed\r\n"),
             "ID" => format!("* ID NIL\r\n{tag} OK ID completed\r\n"),
             "LOGOUT" => {
@@ -386,7 +386,9 @@ pub async fn upstream_xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
         "{UPSTREAM_TAG} AUTHENTICATE XOAUTH2 {}\r\n",
         initial.expose()
     ));
-    conn.send(command.as_bytes()).await.map_err(DialogError::from)?;
+    conn.send(command.as_bytes())
+        .await
+        .map_err(DialogError::from)?;
     let mut challenge = None;
     for _ in 0..MAX_REPLY_LINES {
         let line = conn.read_text().await?;

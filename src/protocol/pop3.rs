@@ -210,7 +210,9 @@ pub async fn upstream_xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
     initial: &Secret,
 ) -> Result<(), UpstreamAuthError> {
     let command = Zeroizing::new(format!("AUTH XOAUTH2 {}\r\n", initial.expose()));
-    conn.send(command.as_bytes()).await.map_err(DialogError::from)?;
+    conn.send(command.as_bytes())
+        .await
+        .map_err(DialogError::from)?;
     let reply = conn.read_text().await?;
     if reply.starts_with("+OK") {
         return Ok(());
@@ -219,7 +221,10 @@ pub async fn upstream_xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
         let challenge = sasl::decode_xoauth2_challenge(b64.as_bytes());
         conn.send(b"\r\n").await.map_err(DialogError::from)?;
         let last = conn.read_text().await?;
-        return Err(UpstreamAuthError::Rejected(rejection(&last, Some(&challenge))));
+        return Err(UpstreamAuthError::Rejected(rejection(
+            &last,
+            Some(&challenge),
+        )));
     }
     if reply.starts_with("-ERR") {
         return Err(UpstreamAuthError::Rejected(rejection(&reply, None)));

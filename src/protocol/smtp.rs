@@ -226,7 +226,7 @@ pub fn ehlo_for_device(server_name: &str, upstream_ehlo: &[String]) -> String {
     for line in upstream_ehlo.iter().skip(1) {
         let ext = line.get(4..).unwrap_or("").trim();
         let keyword = ext
-            .split(|c: char| c == ' ' || c == '=')
+            .split([' ', '='])
             .next()
             .unwrap_or("")
             .to_ascii_uppercase();
@@ -370,7 +370,9 @@ async fn device_sasl<S: AsyncRead + AsyncWrite + Unpin>(
 /// accepted: its command goes upstream, and the upstream answers it.
 pub fn login_answer(login: &DeviceLogin, answer: LoginAnswer) -> Vec<u8> {
     let text: &[u8] = match (answer, &login.login) {
-        (LoginAnswer::Accepted, Login::Password { .. }) => b"235 2.7.0 Authentication successful\r\n",
+        (LoginAnswer::Accepted, Login::Password { .. }) => {
+            b"235 2.7.0 Authentication successful\r\n"
+        }
         (LoginAnswer::Accepted, Login::Without { .. }) => b"",
         (LoginAnswer::BadPassword, _) => b"535 5.7.8 Authentication credentials invalid\r\n",
         (LoginAnswer::Unavailable, _) => {
