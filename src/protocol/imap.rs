@@ -615,3 +615,136 @@ mod tests {
         assert!(read_greeting(&mut LineConn::new(ours), false).await.is_ok());
     }
 }
+
+#[cfg(test)]
+mod login_tests {
+    use super::*;
+    use crate::protocol::testing::{read_until, scripted_server};
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use tokio::io::{duplex, AsyncWriteExt};
+
+    fn serve() -> (
+        tokio::task::JoinHandle<Result<DeviceLogin, DialogError>>,
+        tokio::io::DuplexStream,
+    ) {
+        let (ours, device) = duplex(8192);
+        let task = tokio::spawn(async move {
+            let mut conn = LineConn::with_max_line(ours, crate::protocol::MAX_AUTH_LINE);
+            device_until_login(&mut conn).await
+        });
+        (task, device)
+    }
+
+    fn password_of(login: &DeviceLogin) -> (String, String) {
+        match &login.login {
+            Login::Password { user, password } => (user.clone(), password.expose().to_string()),
+            Login::Without { .. } => panic!("expected a password login"),
+        }
+    }
+
+    #[tokio::test]
+    async fn capability_then_login_with_quoted_strings() {
+        let (task, mut device) = serve();
+        device.write_all(b"a1 CAPABILITY\r\n").await.unwrap();
+        let caps = read_until(&mut device, "a1 OK").await;
+        assert!(
+            caps.contains("AUTH=PLAIN") && !caps.contains("LOGINDISABLED"),
+            "{caps}"
+        );
+        device
+            .write_all(b"a2 LOGIN \"scanner1\" \"pa ss\\\"word\"\r\n")
+            .await
+            .unwrap();
+        let login = task.await.unwrap().unwrap();
+        assert_eq!(login.tag.as_deref(), Some("a2"));
+        assert_eq!(
+            password_of(&login),
+            ("scanner1".into(), "pa ss\"word".into())
+        );
+        assert_eq!(
+            login_answer(&login, LoginAnswer::Accepted),
+            b"a2 OK authenticated\r\n"
+        );
+        assert_eq!(
+            login_answer(&login, LoginAnswer::BadPassword),
+            b"a2 NO [AUTHENTICATIONFAILED] invalid credentials\r\n"
+        );
+        assert!(login_answer(&login, LoginAnswer::Unavailable).starts_with(b"a2 NO [UNAVAILABLE]"));
+    }
+
+    #[tokio::test]
+    async fn login_with_atoms_and_literals_refused() {
+        let (task, mut device) = serve();
+        device
+            .write_all(b"a1 LOGIN scanner1 {5}\r\na2 SELECT INBOX\r\na3 LOGIN u p\r\n")
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "a2 BAD").await;
+        assert!(seen.contains("a1 BAD literals"), "{seen}");
+        assert_eq!(
+            password_of(&task.await.unwrap().unwrap()),
+            ("u".into(), "p".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn authenticate_plain_with_and_without_sasl_ir() {
+        let ir = STANDARD.encode("\0scanner1\0pw");
+        let (task, mut device) = serve();
+        device
+            .write_all(format!("x AUTHENTICATE PLAIN {ir}\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(password_of(&task.await.unwrap().unwrap()).1, "pw");
+
+        let (task, mut device) = serve();
+        device
+            .write_all(b"x AUTHENTICATE XOAUTH2 abc\r\nx AUTHENTICATE PLAIN\r\n")
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "+ \r\n").await;
+        assert!(seen.contains("x NO [CANNOT]"), "{seen}");
+        device
+            .write_all(format!("{ir}\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(password_of(&task.await.unwrap().unwrap()).0, "scanner1");
+
+        let (task, mut device) = serve();
+        device
+            .write_all(b"x AUTHENTICATE PLAIN\r\n*\r\ny LOGOUT\r\n")
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "y OK LOGOUT").await;
+        assert!(seen.contains("x BAD authentication cancelled"), "{seen}");
+        assert!(matches!(task.await.unwrap(), Err(DialogError::Quit)));
+    }
+
+    async fn xoauth2(script: Vec<(&'static str, &'static str)>) -> Result<(), UpstreamAuthError> {
+        let (ours, server) = duplex(8192);
+        scripted_server(server, script);
+        upstream_xoauth2(&mut LineConn::new(ours), &Secret::new("dXNlcj0=")).await
+    }
+
+    #[tokio::test]
+    async fn upstream_xoauth2_success_and_rejection() {
+        xoauth2(vec![(
+            "tb1 AUTHENTICATE XOAUTH2 dXNlcj0=",
+            "* CAPABILITY IMAP4rev1\r\ntb1 OK AUTHENTICATE completed.\r\n",
+        )])
+        .await
+        .unwrap();
+        let err = xoauth2(vec![
+            ("tb1 AUTHENTICATE", "+ eyJzdGF0dXMiOiI0MDAifQ==\r\n"),
+            ("", "tb1 NO AUTHENTICATE failed.\r\n"),
+        ])
+        .await
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("NO AUTHENTICATE failed") && text.contains("status 400"),
+            "{text}"
+        );
+    }
+}

@@ -345,3 +345,111 @@ mod tests {
         assert!(matches!(busy, Err(UpstreamDialogError::Greeting(_))));
     }
 }
+
+#[cfg(test)]
+mod login_tests {
+    use super::*;
+    use crate::protocol::testing::{read_until, scripted_server};
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use tokio::io::{duplex, AsyncWriteExt};
+
+    fn serve() -> (
+        tokio::task::JoinHandle<Result<DeviceLogin, DialogError>>,
+        tokio::io::DuplexStream,
+    ) {
+        let (ours, device) = duplex(8192);
+        let task = tokio::spawn(async move {
+            let mut conn = LineConn::with_max_line(ours, crate::protocol::MAX_AUTH_LINE);
+            device_until_login(&mut conn).await
+        });
+        (task, device)
+    }
+
+    fn password_of(login: &DeviceLogin) -> (String, String) {
+        match &login.login {
+            Login::Password { user, password } => (user.clone(), password.expose().to_string()),
+            Login::Without { .. } => panic!("expected a password login"),
+        }
+    }
+
+    #[tokio::test]
+    async fn capa_then_user_pass() {
+        let (task, mut device) = serve();
+        device
+            .write_all(b"CAPA\r\nPASS early\r\nUSER scanner1\r\n")
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "+OK send PASS\r\n").await;
+        assert!(
+            seen.contains("SASL PLAIN\r\n.\r\n") && seen.contains("-ERR USER first"),
+            "{seen}"
+        );
+        device.write_all(b"PASS pa ss\r\n").await.unwrap();
+        let login = task.await.unwrap().unwrap();
+        assert_eq!(password_of(&login), ("scanner1".into(), "pa ss".into()));
+        assert_eq!(login_answer(LoginAnswer::Accepted), b"+OK logged in\r\n");
+        assert!(login_answer(LoginAnswer::BadPassword).starts_with(b"-ERR"));
+        assert!(login_answer(LoginAnswer::Unavailable).starts_with(b"-ERR [SYS/TEMP]"));
+    }
+
+    #[tokio::test]
+    async fn auth_plain_with_and_without_initial_response() {
+        let ir = STANDARD.encode("\0scanner1\0pw");
+        let (task, mut device) = serve();
+        device
+            .write_all(format!("AUTH PLAIN {ir}\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(password_of(&task.await.unwrap().unwrap()).1, "pw");
+
+        let (task, mut device) = serve();
+        device.write_all(b"STAT\r\nAUTH PLAIN\r\n").await.unwrap();
+        let seen = read_until(&mut device, "+ \r\n").await;
+        assert!(seen.starts_with("-ERR authenticate first"), "{seen}");
+        device
+            .write_all(format!("{ir}\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(password_of(&task.await.unwrap().unwrap()).0, "scanner1");
+
+        let (task, mut device) = serve();
+        device.write_all(b"QUIT\r\n").await.unwrap();
+        read_until(&mut device, "+OK bye").await;
+        assert!(matches!(task.await.unwrap(), Err(DialogError::Quit)));
+    }
+
+    async fn xoauth2(script: Vec<(&'static str, &'static str)>) -> Result<(), UpstreamAuthError> {
+        let (ours, server) = duplex(8192);
+        scripted_server(server, script);
+        upstream_xoauth2(&mut LineConn::new(ours), &Secret::new("dXNlcj0=")).await
+    }
+
+    #[tokio::test]
+    async fn upstream_xoauth2_success_and_rejection() {
+        xoauth2(vec![(
+            "AUTH XOAUTH2 dXNlcj0=",
+            "+OK User successfully authenticated.\r\n",
+        )])
+        .await
+        .unwrap();
+        let err = xoauth2(vec![
+            ("AUTH XOAUTH2", "+ eyJzdGF0dXMiOiI0MDEifQ==\r\n"),
+            (
+                "",
+                "-ERR Authentication failure: unknown user name or bad password.\r\n",
+            ),
+        ])
+        .await
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("-ERR Authentication failure") && text.contains("status 401"),
+            "{text}"
+        );
+        let err = xoauth2(vec![("AUTH XOAUTH2", "-ERR nope\r\n")])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, UpstreamAuthError::Rejected(_)));
+    }
+}

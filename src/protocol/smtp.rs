@@ -612,3 +612,214 @@ mod tests {
         assert_eq!(leftover, b"250 injected\r\n");
     }
 }
+
+#[cfg(test)]
+mod login_tests {
+    use super::*;
+    use crate::protocol::testing::{read_until, scripted_server};
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use tokio::io::{duplex, AsyncWriteExt};
+
+    fn b64(raw: &str) -> String {
+        STANDARD.encode(raw)
+    }
+
+    fn upstream_ehlo_lines() -> Vec<String> {
+        [
+            "250-outlook.office365.com Hello",
+            "250-SIZE 157286400",
+            "250-AUTH LOGIN XOAUTH2",
+            "250-STARTTLS",
+            "250 8BITMIME",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Starts the device side; returns the task and the device's end.
+    fn serve(
+        required: bool,
+    ) -> (
+        tokio::task::JoinHandle<Result<DeviceLogin, DialogError>>,
+        tokio::io::DuplexStream,
+    ) {
+        let (ours, device) = duplex(8192);
+        let task = tokio::spawn(async move {
+            let mut conn = LineConn::with_max_line(ours, crate::protocol::MAX_AUTH_LINE);
+            device_until_login(&mut conn, "gw.lan", &upstream_ehlo_lines(), required).await
+        });
+        (task, device)
+    }
+
+    fn password_of(login: DeviceLogin) -> (String, String) {
+        match login.login {
+            Login::Password { user, password } => (user, password.expose().to_string()),
+            Login::Without { .. } => panic!("expected a password login"),
+        }
+    }
+
+    #[test]
+    fn ehlo_shows_the_upstream_extensions_with_our_auth_line() {
+        let ehlo = ehlo_for_device("gw.lan", &upstream_ehlo_lines());
+        assert_eq!(
+            ehlo,
+            "250-gw.lan\r\n250-SIZE 157286400\r\n250-8BITMIME\r\n250 AUTH PLAIN LOGIN\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn auth_login_after_ehlo() {
+        let (task, mut device) = serve(true);
+        device.write_all(b"EHLO scanner\r\n").await.unwrap();
+        let ehlo = read_until(&mut device, "250 AUTH PLAIN LOGIN\r\n").await;
+        assert!(
+            !ehlo.contains("XOAUTH2") && !ehlo.contains("STARTTLS"),
+            "{ehlo}"
+        );
+        device.write_all(b"AUTH LOGIN\r\n").await.unwrap();
+        read_until(&mut device, "334 VXNlcm5hbWU6\r\n").await;
+        device
+            .write_all(format!("{}\r\n", b64("scanner1")).as_bytes())
+            .await
+            .unwrap();
+        read_until(&mut device, "334 UGFzc3dvcmQ6\r\n").await;
+        device
+            .write_all(format!("{}\r\n", b64("s3cret")).as_bytes())
+            .await
+            .unwrap();
+        let login = task.await.unwrap().unwrap();
+        assert_eq!(login.client_name.as_deref(), Some("scanner"));
+        assert_eq!(
+            login_answer(&login, LoginAnswer::Accepted),
+            b"235 2.7.0 Authentication successful\r\n"
+        );
+        assert_eq!(password_of(login), ("scanner1".into(), "s3cret".into()));
+    }
+
+    #[tokio::test]
+    async fn auth_plain_with_and_without_initial_response() {
+        let (task, mut device) = serve(true);
+        let ir = b64("\0scanner1\0pw one");
+        device
+            .write_all(format!("EHLO x\r\nAUTH PLAIN {ir}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let login = task.await.unwrap().unwrap();
+        assert_eq!(password_of(login), ("scanner1".into(), "pw one".into()));
+
+        let (task, mut device) = serve(true);
+        device.write_all(b"AUTH PLAIN\r\n").await.unwrap();
+        read_until(&mut device, "334 \r\n").await;
+        device
+            .write_all(format!("{}\r\n", b64("\0u\0p")).as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(password_of(task.await.unwrap().unwrap()).0, "u");
+    }
+
+    #[tokio::test]
+    async fn mail_before_auth_is_refused_or_forwarded() {
+        let (task, mut device) = serve(true);
+        device
+            .write_all(b"EHLO x\r\nMAIL FROM:<a@b>\r\nAUTH CRAM-MD5\r\nAUTH PLAIN !!\r\nQUIT\r\n")
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "221 2.0.0 Bye\r\n").await;
+        assert!(
+            seen.contains("530 5.7.0 Authentication required\r\n"),
+            "{seen}"
+        );
+        assert!(seen.contains("504 5.5.4"), "{seen}");
+        assert!(seen.contains("501 5.5.2"), "{seen}");
+        assert!(matches!(task.await.unwrap(), Err(DialogError::Quit)));
+
+        let (task, mut device) = serve(false);
+        device
+            .write_all(b"EHLO x\r\nMAIL FROM:<a@b>\r\n")
+            .await
+            .unwrap();
+        let login = task.await.unwrap().unwrap();
+        assert!(
+            matches!(&login.login, Login::Without { command } if command == b"MAIL FROM:<a@b>\r\n")
+        );
+        assert!(login_answer(&login, LoginAnswer::Accepted).is_empty());
+    }
+
+    #[tokio::test]
+    async fn failures_have_their_replies_and_limits_hold() {
+        let login = DeviceLogin {
+            login: Login::Without {
+                command: Vec::new(),
+            },
+            tag: None,
+            client_name: None,
+        };
+        assert!(login_answer(&login, LoginAnswer::BadPassword).starts_with(b"535 5.7.8"));
+        assert!(login_answer(&login, LoginAnswer::Unavailable).starts_with(b"454 4.7.0"));
+
+        let (task, mut device) = serve(true);
+        device
+            .write_all("NOOP\r\n".repeat(MAX_COMMANDS + 1).as_bytes())
+            .await
+            .unwrap();
+        read_until(&mut device, "421 4.7.0").await;
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(DialogError::TooManyCommands)
+        ));
+        let (task, mut device) = serve(true);
+        device
+            .write_all(&vec![b'A'; crate::protocol::MAX_AUTH_LINE + 10])
+            .await
+            .unwrap();
+        read_until(&mut device, "500 5.5.2").await;
+        assert!(matches!(task.await.unwrap(), Err(DialogError::LineTooLong)));
+    }
+
+    async fn xoauth2(script: Vec<(&'static str, &'static str)>) -> Result<(), UpstreamAuthError> {
+        let (ours, server) = duplex(8192);
+        scripted_server(server, script);
+        let mut conn = LineConn::new(ours);
+        upstream_xoauth2(&mut conn, &Secret::new("dXNlcj0=")).await
+    }
+
+    #[tokio::test]
+    async fn upstream_xoauth2_success_and_rejections() {
+        xoauth2(vec![(
+            "AUTH XOAUTH2 dXNlcj0=",
+            "235 2.7.0 Authentication successful\r\n",
+        )])
+        .await
+        .unwrap();
+        let challenge = STANDARD.encode(r#"{"status":"401","schemes":"bearer","scope":"x"}"#);
+        let challenge: &'static str = Box::leak(format!("334 {challenge}\r\n").into_boxed_str());
+        let err = xoauth2(vec![
+            ("AUTH XOAUTH2", challenge),
+            ("", ""),
+            ("", "535 5.7.3 Authentication unsuccessful\r\n"),
+        ])
+        .await
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("535 5.7.3") && text.contains("status 401"),
+            "{text}"
+        );
+        let err = xoauth2(vec![(
+            "AUTH XOAUTH2",
+            "535 5.7.139 Authentication unsuccessful\r\n",
+        )])
+        .await
+        .unwrap_err();
+        assert!(matches!(err, UpstreamAuthError::Rejected(ref r) if r.contains("5.7.139")));
+    }
+
+    #[tokio::test]
+    async fn upstream_ehlo_after_tls() {
+        let (ours, server) = duplex(8192);
+        scripted_server(server, vec![("EHLO gw", "250-x\r\n250 AUTH XOAUTH2\r\n")]);
+        let lines = upstream_ehlo(&mut LineConn::new(ours), "gw").await.unwrap();
+        assert_eq!(lines, vec!["250-x", "250 AUTH XOAUTH2"]);
+    }
+}
