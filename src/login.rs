@@ -214,3 +214,47 @@ fn device_failure(err: DialogError) -> Failure {
     };
     Failure::new(outcome, format!("login dialog: {err}"))
 }
+
+/// Passthrough SMTP routes: the upstream's refusal of the device's own login because Basic auth
+/// is disabled, found among the first replies after TLS (a bounded head, not the whole stream).
+pub fn basic_auth_refusal(
+    route: &RouteCtx,
+    dialect: Option<Dialect>,
+    from_upstream: &[u8],
+) -> Option<String> {
+    if route.route.auth != crate::config::AuthMode::Passthrough || dialect != Some(Dialect::Smtp) {
+        return None;
+    }
+    protocol::smtp::basic_auth_disabled(from_upstream)
+}
+
+/// The session's end once the upstream said Basic auth is disabled: counted, put in the
+/// inventory, and the outcome says so whatever way the relay ended.
+pub fn basic_auth_disabled(
+    route: &RouteCtx,
+    shared: &Shared,
+    record: &SessionRecord<'_>,
+    reply: &str,
+    ended: Result<(u64, u64), Failure>,
+) -> Failure {
+    route.metrics.basic_auth_disabled();
+    shared
+        .sinks
+        .inventory
+        .set_auth(record.peer.ip(), Outcome::UpstreamBasicAuthDisabled.label());
+    let bytes = match &ended {
+        Ok(bytes) => *bytes,
+        Err(failure) => failure.bytes,
+    };
+    warn!(
+        reply = %reply,
+        "the upstream refused the device's login: Basic auth is disabled; use auth = \"xoauth2\" on this route"
+    );
+    Failure {
+        bytes,
+        ..Failure::new(
+            Outcome::UpstreamBasicAuthDisabled,
+            format!("upstream refused the device's login: {reply}"),
+        )
+    }
+}

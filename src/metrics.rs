@@ -82,6 +82,7 @@ pub struct Metrics {
     bytes: Family<RouteDirection, Counter>,
     handshakes: Family<RouteLeg, Histogram, HandshakeBuckets>,
     legacy_clients: Gauge,
+    basic_auth_disabled: Family<RouteLabel, Counter>,
 }
 
 /// One route's handles, resolved when the route is set up.
@@ -103,6 +104,7 @@ struct Families {
     connections: Family<RouteTls, Counter>,
     refused: Family<RouteReason, Counter>,
     handshake_failures: Family<RouteLegReason, Counter>,
+    basic_auth_disabled: Family<RouteLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -144,6 +146,12 @@ impl Default for Metrics {
             "Distinct device addresses seen with a downgraded leg (the inventory)",
             legacy_clients.clone(),
         );
+        let basic_auth_disabled = Family::<RouteLabel, Counter>::default();
+        registry.register(
+            "tlsbridge_upstream_basic_auth_disabled",
+            "Passthrough sessions whose login the upstream refused because Basic auth is disabled, by route",
+            basic_auth_disabled.clone(),
+        );
         let handshakes = Family::new_with_constructor(HandshakeBuckets);
         registry.register(
             "tlsbridge_handshake_duration_seconds",
@@ -171,6 +179,7 @@ impl Default for Metrics {
             bytes,
             handshakes,
             legacy_clients,
+            basic_auth_disabled,
         }
     }
 }
@@ -200,6 +209,7 @@ impl Metrics {
                 connections: self.connections.clone(),
                 refused: self.refused.clone(),
                 handshake_failures: self.handshake_failures.clone(),
+                basic_auth_disabled: self.basic_auth_disabled.clone(),
             },
             route: name,
         }
@@ -219,6 +229,16 @@ impl Metrics {
 }
 
 impl RouteMetrics {
+    /// A passthrough login the upstream refused because Basic auth is disabled.
+    pub fn basic_auth_disabled(&self) {
+        self.families
+            .basic_auth_disabled
+            .get_or_create(&RouteLabel {
+                route: self.route.clone(),
+            })
+            .inc();
+    }
+
     pub fn opened(&self) {
         self.active.inc();
     }

@@ -34,9 +34,12 @@ pub enum End {
     Cancelled,
 }
 
-/// Bytes kept from the start and the end of each direction: enough for a protocol's first
-/// command (the SMTP EHLO that names a device) and its goodbye.
+/// Bytes kept from the end of each direction: enough for a protocol's goodbye.
 const KEEP: usize = 64;
+
+/// Bytes kept from the start of each direction: enough for a protocol's first command (the SMTP
+/// EHLO that names a device) and the first replies (a Basic-auth refusal after EHLO and AUTH).
+const HEAD: usize = 1024;
 
 /// What passed one way: the byte count (payload only, TLS overhead not included), the first
 /// bytes and the last bytes.
@@ -50,7 +53,7 @@ pub struct Seen {
 impl Seen {
     fn passed(&mut self, chunk: &[u8]) {
         self.bytes += chunk.len() as u64;
-        let room = KEEP.saturating_sub(self.head.len());
+        let room = HEAD.saturating_sub(self.head.len());
         self.head.extend_from_slice(&chunk[..room.min(chunk.len())]);
         self.tail
             .extend_from_slice(&chunk[chunk.len().saturating_sub(KEEP)..]);

@@ -200,7 +200,14 @@ async fn relay_session(
             record.learned_client_name(name);
         }
     }
-    relay_outcome(relayed, dialect, &mut device, &leg).await
+    let refusal = login::basic_auth_refusal(route, dialect, &relayed.down.head);
+    let ended = relay_outcome(relayed, dialect, &mut device, &leg).await;
+    match refusal {
+        Some(reply) => Err(login::basic_auth_disabled(
+            route, shared, record, &reply, ended,
+        )),
+        None => ended,
+    }
 }
 
 /// Carries the way the relay ended to the session's outcome, and to the other leg.

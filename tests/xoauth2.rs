@@ -414,10 +414,15 @@ async fn bridge(pki: &Pki, token_url: &str, routes: &[RouteDef<'_>]) -> Bridge {
     let mut toml = support::proxy::config_toml(dir.path(), pki, &[]);
     let quote = |p: &Path| serde_json::to_string(&p.display().to_string()).unwrap();
     for (name, protocol, port, extra) in routes {
+        let extra = if extra.contains("auth =") {
+            extra.to_string()
+        } else {
+            format!("auth = \"xoauth2\"\n{extra}")
+        };
         toml.push_str(&format!(
             "\n[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"{protocol}\"\n\
              device_tls = \"tls\"\nupstream = \"localhost:{port}\"\nupstream_tls = \"tls\"\n\
-             auth = \"xoauth2\"\n{extra}\n"
+             {extra}\n"
         ));
     }
     let secret = dir.path().join("client_secret");
@@ -812,4 +817,31 @@ async fn no_secret_reaches_the_logs_or_check_output() {
             "a secret is in `check` output"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_basic_auth_refusal_is_diagnosed() {
+    let w = world(3600).await;
+    let (port, _) = fake_upstream(&w.pki, Service::Smtp, w.tokens.clone()).await;
+    let bridge = bridge(
+        &w.pki,
+        &w.token_url,
+        &[("legacy", "smtp", port, "auth = \"passthrough\"")],
+    )
+    .await;
+    let replies = device_smtp(
+        bridge.addr("legacy"),
+        &bridge.device_ca(),
+        &["EHLO x", "AUTH LOGIN", "QUIT"],
+    )
+    .await;
+    assert!(replies[2].starts_with("535 5.7.139"), "{replies:?}");
+    let closed = log_line_with(&[
+        "session_closed",
+        "\"route\":\"legacy\"",
+        "upstream_basic_auth_disabled",
+    ])
+    .await;
+    assert!(closed.contains("\"auth\":\"passthrough\""), "{closed}");
+    assert_eq!(w.tokens.requests(), 0);
 }

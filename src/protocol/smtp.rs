@@ -189,6 +189,16 @@ pub async fn read_reply<S: AsyncRead + AsyncWrite + Unpin>(
     )))
 }
 
+/// The reply line in the first bytes an upstream sent after TLS that says Microsoft 365 refused
+/// a login because Basic auth is disabled (`535 5.7.139`, `550 5.7.30`), sanitised.
+pub fn basic_auth_disabled(from_upstream: &[u8]) -> Option<String> {
+    from_upstream
+        .split(|&b| b == b'\n')
+        .map(|line| String::from_utf8_lossy(line).trim_end().to_string())
+        .find(|line| line.starts_with("535 5.7.139") || line.starts_with("550 5.7.30"))
+        .map(|line| printable(&line))
+}
+
 /// The name in an `EHLO name` / `HELO name` line at the start of `bytes`, if there is one.
 pub fn client_name(bytes: &[u8]) -> Option<String> {
     let line = bytes.split(|&b| b == b'\n').next()?;
@@ -432,6 +442,17 @@ mod tests {
             seen.extend_from_slice(&buf[..n]);
         }
         String::from_utf8(seen).unwrap()
+    }
+
+    #[test]
+    fn basic_auth_refusals_are_recognised() {
+        let seen = b"250-x\r\n250 AUTH LOGIN\r\n334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n\
+            535 5.7.139 Authentication unsuccessful, basic authentication is disabled.\r\n";
+        assert!(basic_auth_disabled(seen).is_some_and(|l| l.contains("5.7.139")));
+        assert!(
+            basic_auth_disabled(b"550 5.7.30 Basic authentication is not supported\r\n").is_some()
+        );
+        assert!(basic_auth_disabled(b"535 5.7.8 bad password\r\n").is_none());
     }
 
     #[test]
