@@ -112,6 +112,8 @@ pub struct RouteCtx {
     pub sni_allow: Option<Arc<[String]>>,
     /// The route's metric handles, resolved once.
     pub metrics: RouteMetrics,
+    /// A connector presenting the route's `upstream_client_cert`; `None`: the shared one.
+    pub connector: Option<Arc<ModernConnector>>,
 }
 
 impl RouteCtx {
@@ -125,7 +127,40 @@ impl RouteCtx {
             route,
             sni_allow,
             metrics,
+            connector: None,
         }
+    }
+
+    /// Builds the route's own connector when it presents a client certificate upstream (a
+    /// Microsoft 365 relay connector); warns when the key file is looser than 0600.
+    pub fn with_identity(mut self, config: &Config) -> Result<RouteCtx, ConfigError> {
+        let (Some(cert), Some(key)) = (
+            &self.route.upstream_client_cert,
+            &self.route.upstream_client_key,
+        ) else {
+            return Ok(self);
+        };
+        let (client, loose) =
+            crate::tls::modern::client_config_with_identity(&config.upstream_tls, cert, key)
+                .map_err(|err| ConfigError(format!("route {:?}: {err:#}", self.route.name)))?;
+        if let Some(mode) = loose {
+            tracing::warn!(
+                route = %self.route.name,
+                key = "upstream_client_key",
+                path = %key.display(),
+                mode = format!("{mode:04o}"),
+                "the connector key is readable by others than its owner; chmod 600 it"
+            );
+        }
+        self.connector = Some(Arc::new(ModernConnector::from_config(client)));
+        Ok(self)
+    }
+
+    /// The connector for this route's upstream leg.
+    pub fn connector(&self, shared: &Shared) -> Arc<ModernConnector> {
+        self.connector
+            .clone()
+            .unwrap_or_else(|| shared.connector.clone())
     }
 
     pub fn allows(&self, ip: IpAddr) -> bool {

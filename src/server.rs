@@ -56,7 +56,8 @@ impl Server {
             let listener = TcpListener::bind(route.listen).await.with_context(|| {
                 format!("route {}: cannot listen on {}", route.name, route.listen)
             })?;
-            listeners.push((Arc::new(RouteCtx::new(route.clone(), &sinks)), listener));
+            let ctx = RouteCtx::new(route.clone(), &sinks).with_identity(&config)?;
+            listeners.push((Arc::new(ctx), listener));
         }
         let admin = match config.admin.listen {
             Some(addr) => Some(

@@ -107,7 +107,7 @@ async fn drive(
         Upstream::Fixed { host, port } => Some(target(shared, route, host, *port)),
         Upstream::Sni { .. } => None,
     };
-    let mut upstream = LazyUpstream::new(target, shared.connector.clone());
+    let mut upstream = LazyUpstream::new(target, route.connector(shared));
     upstream.start();
     let (mut device, ready) = match (config.device_tls, dialect) {
         (DeviceMode::Starttls, Some(dialect)) => {

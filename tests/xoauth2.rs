@@ -845,3 +845,128 @@ async fn passthrough_basic_auth_refusal_is_diagnosed() {
     assert!(closed.contains("\"auth\":\"passthrough\""), "{closed}");
     assert_eq!(w.tokens.requests(), 0);
 }
+
+/// A client CA, and a client certificate from it written as PEM (cert, key) into `dir`.
+fn client_identity(
+    dir: &Path,
+) -> (
+    rustls::pki_types::CertificateDer<'static>,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "connector client CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["relay.contoso.com".to_string()]).unwrap();
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let cert_path = dir.join("connector.crt");
+    let key_path = dir.join("connector.key");
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (ca_cert.der().clone(), cert_path, key_path)
+}
+
+/// A fake SMTP upstream that requires a client certificate from `client_ca`; counts sessions
+/// whose handshake succeeded.
+async fn connector_upstream(
+    pki: &Pki,
+    client_ca: rustls::pki_types::CertificateDer<'static>,
+    tokens: Arc<Tokens>,
+) -> (u16, Arc<AtomicUsize>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(client_ca).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(pki.localhost.chain.clone(), pki.localhost.key())
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sessions = Arc::new(AtomicUsize::new(0));
+    let counted = sessions.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, tokens, counted) = (acceptor.clone(), tokens.clone(), counted.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let _ = serve_upstream(Service::Smtp, tls, &tokens, &Upstream::default()).await;
+                }
+            });
+        }
+    });
+    (port, sessions)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_certificate_is_presented_upstream() {
+    let w = world(3600).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (client_ca, cert, key) = client_identity(dir.path());
+    let (port, sessions) = connector_upstream(&w.pki, client_ca, w.tokens.clone()).await;
+    let quote = |p: &Path| serde_json::to_string(&p.display().to_string()).unwrap();
+    let with_cert = format!(
+        "auth = \"passthrough\"\nupstream_client_cert = {}\nupstream_client_key = {}",
+        quote(&cert),
+        quote(&key)
+    );
+    let bridge = bridge(
+        &w.pki,
+        &w.token_url,
+        &[
+            ("relay", "smtp", port, &with_cert),
+            ("nocert", "smtp", port, "auth = \"passthrough\""),
+        ],
+    )
+    .await;
+    let replies = device_smtp(
+        bridge.addr("relay"),
+        &bridge.device_ca(),
+        &["EHLO x", "QUIT"],
+    )
+    .await;
+    assert!(replies[0].starts_with("220 "), "{replies:?}");
+    assert!(replies[2].starts_with("221 "), "{replies:?}");
+    assert_eq!(sessions.load(Ordering::SeqCst), 1);
+
+    let tcp = connect(bridge.addr("nocert")).await.unwrap();
+    let tls = tls_connect(
+        tcp,
+        Legacy::Tls10,
+        &Verify::Ca(bridge.device_ca()),
+        "localhost",
+    )
+    .await
+    .unwrap();
+    let mut io = BufReader::new(tls);
+    let greeting = read_smtp_reply(&mut io).await;
+    assert!(
+        greeting.starts_with("421 ") || greeting.starts_with("454 "),
+        "{greeting:?}"
+    );
+    assert_eq!(
+        sessions.load(Ordering::SeqCst),
+        1,
+        "a session without the certificate was served"
+    );
+}
