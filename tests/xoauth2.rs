@@ -970,3 +970,60 @@ async fn a_connector_certificate_is_presented_upstream() {
         "a session without the certificate was served"
     );
 }
+
+fn probe(config: &Path, route: &str) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tlsbridge"))
+        .arg("--config")
+        .arg(config)
+        .args(["probe", route, "--xoauth2", "--mailbox", MAILBOX])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_xoauth2_checks_the_app_registration() {
+    let w = world(3600).await;
+    let (port, upstream) = fake_upstream(&w.pki, Service::Smtp, w.tokens.clone()).await;
+    let bridge = bridge(&w.pki, &w.token_url, &[("smtp", "smtp", port, "")]).await;
+    let config = bridge.config_path.clone();
+    let (ok, out) = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || probe(&config, "smtp")
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}");
+    assert!(out.contains("logged in as scanner@contoso.com"), "{out}");
+    assert!(
+        upstream.messages.lock().unwrap().is_empty(),
+        "probe sent mail"
+    );
+
+    w.tokens.refuse_all.store(true, Ordering::SeqCst);
+    let (ok, out) = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || probe(&config, "smtp")
+    })
+    .await
+    .unwrap();
+    assert!(
+        !ok && out.contains("REFUSED") && out.contains("status 403"),
+        "{out}"
+    );
+
+    std::fs::write(bridge.dir.path().join("client_secret"), "wrong-secret").unwrap();
+    let (ok, out) = tokio::task::spawn_blocking(move || probe(&config, "smtp"))
+        .await
+        .unwrap();
+    assert!(!ok && out.contains("AADSTS7000215"), "{out}");
+    assert!(
+        !out.contains("wrong-secret") && !out.contains(CLIENT_SECRET),
+        "{out}"
+    );
+}
