@@ -392,6 +392,7 @@ async fn fake_upstream(pki: &Pki, service: Service, tokens: Arc<Tokens>) -> (u16
 struct Bridge {
     dir: tempfile::TempDir,
     addrs: HashMap<String, SocketAddr>,
+    admin: Option<SocketAddr>,
     _shutdown: oneshot::Sender<()>,
     config_path: std::path::PathBuf,
 }
@@ -411,7 +412,10 @@ type RouteDef<'a> = (&'a str, &'a str, u16, &'a str);
 async fn bridge(pki: &Pki, token_url: &str, routes: &[RouteDef<'_>]) -> Bridge {
     logs();
     let dir = tempfile::tempdir().unwrap();
-    let mut toml = support::proxy::config_toml(dir.path(), pki, &[]);
+    let mut toml = support::proxy::config_toml(dir.path(), pki, &[]).replace(
+        "[admin]\nlisten = \"\"",
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+    );
     let quote = |p: &Path| serde_json::to_string(&p.display().to_string()).unwrap();
     for (name, protocol, port, extra) in routes {
         let extra = if extra.contains("auth =") {
@@ -458,6 +462,7 @@ async fn bridge(pki: &Pki, token_url: &str, routes: &[RouteDef<'_>]) -> Bridge {
         .iter()
         .map(|(name, ..)| (name.to_string(), server.local_addr(name).unwrap()))
         .collect();
+    let admin = server.admin_addr();
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(server.run(async move {
         let _ = rx.await;
@@ -465,6 +470,7 @@ async fn bridge(pki: &Pki, token_url: &str, routes: &[RouteDef<'_>]) -> Bridge {
     Bridge {
         dir,
         addrs,
+        admin,
         _shutdown: tx,
         config_path,
     }
@@ -803,6 +809,11 @@ async fn no_secret_reaches_the_logs_or_check_output() {
         String::from_utf8_lossy(&check.stdout),
         String::from_utf8_lossy(&check.stderr)
     );
+    let mut admin = String::new();
+    for path in ["/clients", "/metrics"] {
+        admin.push_str(&admin_get(bridge.admin.expect("admin endpoint"), path).await);
+    }
+    assert!(admin.contains("tlsbridge_"), "{admin}");
     let logs = log_text();
     let mut secrets = vec![
         DEVICE_PASSWORD.to_string(),
@@ -844,6 +855,11 @@ async fn passthrough_basic_auth_refusal_is_diagnosed() {
     .await;
     assert!(closed.contains("\"auth\":\"passthrough\""), "{closed}");
     assert_eq!(w.tokens.requests(), 0);
+    let metrics = admin_get(bridge.admin.expect("admin endpoint"), "/metrics").await;
+    assert!(
+        metrics.contains("tlsbridge_upstream_basic_auth_disabled_total{route=\"legacy\"} 1"),
+        "{metrics}"
+    );
 }
 
 /// A client CA, and a client certificate from it written as PEM (cert, key) into `dir`.
@@ -1026,4 +1042,20 @@ async fn probe_xoauth2_checks_the_app_registration() {
         !out.contains("wrong-secret") && !out.contains(CLIENT_SECRET),
         "{out}"
     );
+}
+
+async fn admin_get(addr: SocketAddr, path: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut body),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    String::from_utf8_lossy(&body).into_owned()
 }
