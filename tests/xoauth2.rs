@@ -423,9 +423,14 @@ async fn bridge(pki: &Pki, token_url: &str, routes: &[RouteDef<'_>]) -> Bridge {
         } else {
             format!("auth = \"xoauth2\"\n{extra}")
         };
+        let extra = if extra.contains("device_tls =") {
+            extra
+        } else {
+            format!("device_tls = \"tls\"\n{extra}")
+        };
         toml.push_str(&format!(
             "\n[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"{protocol}\"\n\
-             device_tls = \"tls\"\nupstream = \"localhost:{port}\"\nupstream_tls = \"tls\"\n\
+             upstream = \"localhost:{port}\"\nupstream_tls = \"tls\"\n\
              {extra}\n"
         ));
     }
@@ -601,13 +606,25 @@ async fn swaks_auth_login_and_plain_over_tls10() {
     }
     let w = world(3600).await;
     let (port, upstream) = fake_upstream(&w.pki, Service::Smtp, w.tokens.clone()).await;
-    let bridge = bridge(&w.pki, &w.token_url, &[("smtp", "smtp", port, "")]).await;
-    for mechanism in ["LOGIN", "PLAIN"] {
+    let bridge = bridge(
+        &w.pki,
+        &w.token_url,
+        &[
+            ("smtp", "smtp", port, ""),
+            ("submission", "smtp", port, "device_tls = \"starttls\""),
+        ],
+    )
+    .await;
+    for (route, mechanism, mode) in [
+        ("smtp", "LOGIN", "--tlsc"),
+        ("smtp", "PLAIN", "--tlsc"),
+        ("submission", "LOGIN", "--tls"),
+    ] {
         let args: Vec<String> = [
             "--server",
             "127.0.0.1",
             "--port",
-            &bridge.addr("smtp").port().to_string(),
+            &bridge.addr(route).port().to_string(),
             "--from",
             "scanner@contoso.com",
             "--to",
@@ -618,7 +635,7 @@ async fn swaks_auth_login_and_plain_over_tls10() {
             DEVICE_USER,
             "--auth-password",
             DEVICE_PASSWORD,
-            "--tlsc",
+            mode,
             "--tls-protocol",
             "tlsv1",
             "--tls-cipher",
@@ -630,9 +647,9 @@ async fn swaks_auth_login_and_plain_over_tls10() {
         .map(|s| s.to_string())
         .collect();
         let out = run("swaks", &args, b"", PROGRAM_TIMEOUT).await.unwrap();
-        assert!(out.success(), "swaks --auth {mechanism}: {out:?}");
+        assert!(out.success(), "swaks {mode} --auth {mechanism}: {out:?}");
     }
-    assert_eq!(upstream.messages.lock().unwrap().len(), 2);
+    assert_eq!(upstream.messages.lock().unwrap().len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
