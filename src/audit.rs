@@ -93,6 +93,12 @@ pub struct SessionRecord<'a> {
     pub upstream_tls: &'static str,
     pub upstream_cipher: String,
     pub downgraded: bool,
+    /// `passthrough` or `xoauth2`: who does the device's login.
+    pub auth: &'static str,
+    /// xoauth2: the device user that logged in (never its password).
+    pub device_user: Option<String>,
+    /// xoauth2: the mailbox logged in as upstream.
+    pub mailbox: Option<String>,
     started: Instant,
     metrics: &'a RouteMetrics,
     sinks: &'a Sinks,
@@ -133,6 +139,9 @@ impl<'a> SessionRecord<'a> {
             upstream_tls: "",
             upstream_cipher: String::new(),
             downgraded: false,
+            auth: route.auth.as_str(),
+            device_user: None,
+            mailbox: None,
             started: Instant::now(),
             metrics,
             sinks,
@@ -242,6 +251,9 @@ impl<'a> SessionRecord<'a> {
             duration_ms = self.started.elapsed().as_millis() as u64,
             outcome = outcome.label(),
             error = detail,
+            auth = self.auth,
+            device_user = self.device_user.as_deref().unwrap_or(""),
+            mailbox = self.mailbox.as_deref().unwrap_or(""),
             "session_closed"
         );
     }

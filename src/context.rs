@@ -10,9 +10,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
 use crate::audit::Sinks;
-use crate::config::{Config, Route, Upstream};
+use crate::config::{AuthMode, Config, ConfigError, Route, Upstream};
+use crate::credentials::{Credentials, Verifier};
 use crate::limits::Admission;
 use crate::metrics::RouteMetrics;
+use crate::oauth::TokenSource;
 use crate::tls::legacy::LegacyAcceptor;
 use crate::tls::modern::ModernConnector;
 
@@ -27,6 +29,46 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Cancelled when the drain time is over: open relays stop.
     pub cancel: CancellationToken,
+    /// What routes with `auth = "xoauth2"` need; `None` when no route has it.
+    pub auth: Option<AuthShared>,
+}
+
+/// The device credentials and the token source, shared by every xoauth2 session.
+pub struct AuthShared {
+    pub verifier: Verifier,
+    pub tokens: TokenSource,
+}
+
+impl AuthShared {
+    /// Loads the users file and the client credential when a route uses `auth = "xoauth2"`.
+    /// A missing or unreadable file is a config error naming its key.
+    pub fn for_config(config: &Config) -> Result<Option<AuthShared>, ConfigError> {
+        if !config.routes.iter().any(|r| r.auth == AuthMode::Xoauth2) {
+            return Ok(None);
+        }
+        let loaded = Credentials::load(&config.oauth.users_file)?;
+        if let Some(mode) = loaded.loose_mode {
+            tracing::warn!(
+                key = "oauth.users_file",
+                path = %config.oauth.users_file.display(),
+                mode = format!("{mode:04o}"),
+                "the users file is readable by others than its owner; chmod 600 it"
+            );
+        }
+        if loaded.credentials.is_empty() {
+            tracing::warn!(
+                key = "oauth.users_file",
+                "the users file has no users yet; add them with `tlsbridge passwd`"
+            );
+        }
+        let tls = crate::tls::modern::client_config(&config.upstream_tls)
+            .map_err(|err| ConfigError(format!("upstream_tls: {err:#}")))?;
+        let tokens = TokenSource::from_config(&config.oauth, tls)?;
+        Ok(Some(AuthShared {
+            verifier: Verifier::new(loaded.credentials),
+            tokens,
+        }))
+    }
 }
 
 impl Shared {
@@ -70,6 +112,8 @@ pub struct RouteCtx {
     pub sni_allow: Option<Arc<[String]>>,
     /// The route's metric handles, resolved once.
     pub metrics: RouteMetrics,
+    /// A connector presenting the route's `upstream_client_cert`; `None`: the shared one.
+    pub connector: Option<Arc<ModernConnector>>,
 }
 
 impl RouteCtx {
@@ -83,7 +127,40 @@ impl RouteCtx {
             route,
             sni_allow,
             metrics,
+            connector: None,
         }
+    }
+
+    /// Builds the route's own connector when it presents a client certificate upstream (a
+    /// Microsoft 365 relay connector); warns when the key file is looser than 0600.
+    pub fn with_identity(mut self, config: &Config) -> Result<RouteCtx, ConfigError> {
+        let (Some(cert), Some(key)) = (
+            &self.route.upstream_client_cert,
+            &self.route.upstream_client_key,
+        ) else {
+            return Ok(self);
+        };
+        let (client, loose) =
+            crate::tls::modern::client_config_with_identity(&config.upstream_tls, cert, key)
+                .map_err(|err| ConfigError(format!("route {:?}: {err:#}", self.route.name)))?;
+        if let Some(mode) = loose {
+            tracing::warn!(
+                route = %self.route.name,
+                key = "upstream_client_key",
+                path = %key.display(),
+                mode = format!("{mode:04o}"),
+                "the connector key is readable by others than its owner; chmod 600 it"
+            );
+        }
+        self.connector = Some(Arc::new(ModernConnector::from_config(client)));
+        Ok(self)
+    }
+
+    /// The connector for this route's upstream leg.
+    pub fn connector(&self, shared: &Shared) -> Arc<ModernConnector> {
+        self.connector
+            .clone()
+            .unwrap_or_else(|| shared.connector.clone())
     }
 
     pub fn allows(&self, ip: IpAddr) -> bool {

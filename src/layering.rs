@@ -11,7 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["server", "admin", "signals", "logging"],
     &["listener"],
     &["session"],
-    &["device", "upstream", "greeting", "relay"],
+    &["device", "upstream", "greeting", "login", "relay"],
     &["context"],
     &["audit", "limits"],
     &[

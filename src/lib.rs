@@ -44,6 +44,7 @@ mod layering;
 pub mod limits;
 pub mod listener;
 pub mod logging;
+pub mod login;
 pub mod metrics;
 pub mod oauth;
 pub mod outcome;

@@ -96,6 +96,7 @@ pub struct Metrics {
     bytes: Family<RouteDirection, Counter>,
     handshakes: Family<RouteLeg, Histogram, HandshakeBuckets>,
     legacy_clients: Gauge,
+    basic_auth_disabled: Family<RouteLabel, Counter>,
     certificate_expiry: Family<RouteLabel, Gauge>,
     /// What the dashboard shows per route, in route order.
     routes: Mutex<Vec<Arc<RouteRecent>>>,
@@ -193,6 +194,7 @@ struct Families {
     refused: Family<RouteReason, Counter>,
     handshake_failures: Family<RouteLegReason, Counter>,
     certificate_expiry: Family<RouteLabel, Gauge>,
+    basic_auth_disabled: Family<RouteLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -234,6 +236,12 @@ impl Default for Metrics {
             "Distinct device addresses seen with a downgraded leg (the inventory)",
             legacy_clients.clone(),
         );
+        let basic_auth_disabled = Family::<RouteLabel, Counter>::default();
+        registry.register(
+            "tlsbridge_upstream_basic_auth_disabled",
+            "Passthrough sessions whose login the upstream refused because Basic auth is disabled, by route",
+            basic_auth_disabled.clone(),
+        );
         let handshakes = Family::new_with_constructor(HandshakeBuckets);
         registry.register(
             "tlsbridge_handshake_duration_seconds",
@@ -269,6 +277,7 @@ impl Default for Metrics {
             legacy_clients,
             certificate_expiry,
             routes: Mutex::default(),
+            basic_auth_disabled,
         }
     }
 }
@@ -312,6 +321,7 @@ impl Metrics {
                 refused: self.refused.clone(),
                 handshake_failures: self.handshake_failures.clone(),
                 certificate_expiry: self.certificate_expiry.clone(),
+                basic_auth_disabled: self.basic_auth_disabled.clone(),
             },
             route: name,
         }
@@ -342,6 +352,16 @@ impl Metrics {
 }
 
 impl RouteMetrics {
+    /// A passthrough login the upstream refused because Basic auth is disabled.
+    pub fn basic_auth_disabled(&self) {
+        self.families
+            .basic_auth_disabled
+            .get_or_create(&RouteLabel {
+                route: self.route.clone(),
+            })
+            .inc();
+    }
+
     pub fn opened(&self) {
         self.active.inc();
     }

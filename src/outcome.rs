@@ -165,6 +165,14 @@ pub enum Outcome {
     /// Closed at the end of the drain time.
     Shutdown,
     Refused(Refusal),
+    /// `auth = "xoauth2"`: the device's user name or password is wrong.
+    AuthFailed,
+    /// `auth = "xoauth2"`: no access token could be had from the token endpoint.
+    AuthTokenUnavailable,
+    /// `auth = "xoauth2"`: the upstream refused the XOAUTH2 login (e.g. a missing permission).
+    AuthUpstreamRejected,
+    /// Passthrough: the upstream refused the device's login because Basic auth is disabled.
+    UpstreamBasicAuthDisabled,
 }
 
 impl Outcome {
@@ -186,6 +194,10 @@ impl Outcome {
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::Shutdown => "shutdown",
             Outcome::Refused(refusal) => refusal.label(),
+            Outcome::AuthFailed => "auth_failed",
+            Outcome::AuthTokenUnavailable => "auth_token_unavailable",
+            Outcome::AuthUpstreamRejected => "auth_upstream_rejected",
+            Outcome::UpstreamBasicAuthDisabled => "upstream_basic_auth_disabled",
         }
     }
 
@@ -208,7 +220,11 @@ impl Outcome {
             | Outcome::DeviceAborted
             | Outcome::IdleTimeout
             | Outcome::Shutdown
-            | Outcome::Refused(_) => None,
+            | Outcome::Refused(_)
+            | Outcome::AuthFailed
+            | Outcome::AuthTokenUnavailable
+            | Outcome::AuthUpstreamRejected
+            | Outcome::UpstreamBasicAuthDisabled => None,
         }
     }
 }

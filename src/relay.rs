@@ -180,9 +180,10 @@ impl<L: Leg, R: Leg> Leg for tokio_util::either::Either<L, R> {
     }
 }
 
-/// Bytes kept from the start of each direction: enough for a protocol's first command (the
-/// SMTP EHLO that names a device).
-const KEEP: usize = 64;
+/// Bytes kept from the start of each direction: enough for a protocol's first command (the SMTP
+/// EHLO that names a device) and the first replies (a Basic-auth refusal after EHLO and AUTH).
+/// Kept only as bytes pass, so an idle session holds none.
+const HEAD: usize = 1024;
 
 /// What passed one way: the byte count (payload only, TLS overhead not included) and the first
 /// bytes.
@@ -195,7 +196,7 @@ pub struct Seen {
 impl Seen {
     fn passed(&mut self, chunk: &[u8]) {
         self.bytes += chunk.len() as u64;
-        let room = KEEP.saturating_sub(self.head.len());
+        let room = HEAD.saturating_sub(self.head.len());
         self.head.extend_from_slice(&chunk[..room.min(chunk.len())]);
     }
 }

@@ -16,7 +16,7 @@ use crate::admin::{self, AdminState};
 use crate::audit::Sinks;
 use crate::certs::{self, Provision};
 use crate::config::{Config, ConfigError, LogFormat};
-use crate::context::{RouteCtx, Shared};
+use crate::context::{AuthShared, RouteCtx, Shared};
 use crate::inventory::Inventory;
 use crate::limits::Admission;
 use crate::listener;
@@ -56,7 +56,8 @@ impl Server {
             let listener = TcpListener::bind(route.listen).await.with_context(|| {
                 format!("route {}: cannot listen on {}", route.name, route.listen)
             })?;
-            listeners.push((Arc::new(RouteCtx::new(route.clone(), &sinks)), listener));
+            let ctx = RouteCtx::new(route.clone(), &sinks).with_identity(&config)?;
+            listeners.push((Arc::new(ctx), listener));
         }
         let admin = match config.admin.listen {
             Some(addr) => Some(
@@ -72,7 +73,9 @@ impl Server {
             limits.max_connections_per_ip,
             limits.connect_rate_per_ip,
         );
+        let auth = AuthShared::for_config(&config)?;
         let shared = Shared {
+            auth,
             acceptor,
             connector,
             admission,

@@ -13,10 +13,11 @@ use tokio_util::either::Either;
 use tracing::{debug, field, Span};
 
 use crate::audit::SessionRecord;
-use crate::config::{DeviceMode, Upstream, UpstreamMode};
+use crate::config::{AuthMode, DeviceMode, Upstream, UpstreamMode};
 use crate::context::{RouteCtx, Shared};
 use crate::device::{self, DeviceLeg, DeviceStream};
 use crate::greeting::{self, Legs};
+use crate::login;
 use crate::outcome::{Failure, Outcome, Refusal, Stall};
 use crate::protocol::goodbye::Goodbye;
 use crate::protocol::{self, smtp, Dialect};
@@ -110,7 +111,7 @@ async fn drive(
     };
     // The upstream leg starts with the device's first byte (see each device mode), so a
     // connection that sends nothing costs the upstream nothing.
-    let mut upstream = LazyUpstream::new(target, shared.connector.clone());
+    let mut upstream = LazyUpstream::new(target, route.connector(shared));
     let (mut device, ready) = match (config.device_tls, dialect) {
         (DeviceMode::Starttls, Some(dialect)) => {
             let (device, leg) =
@@ -216,6 +217,9 @@ async fn relay_session(
             record.device_established(None);
         }
     }
+    if let (AuthMode::Xoauth2, Some(dialect)) = (route.route.auth, dialect) {
+        login::run(route, shared, dialect, &mut device, &mut leg, record).await?;
+    }
     let mut goodbye = Goodbye::new(dialect);
     let relayed = relay::run(
         &mut device,
@@ -230,7 +234,14 @@ async fn relay_session(
             record.learned_client_name(name);
         }
     }
-    relay_outcome(relayed)
+    let refusal = login::basic_auth_refusal(route, dialect, &relayed.down.head);
+    let ended = relay_outcome(relayed);
+    match refusal {
+        Some(reply) => Err(login::basic_auth_disabled(
+            route, shared, record, &reply, ended,
+        )),
+        None => ended,
+    }
 }
 
 /// The session's outcome from the way the relay ended; the relay has already carried the end

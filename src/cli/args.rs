@@ -51,6 +51,13 @@ pub enum Command {
         /// Speak this protocol's STARTTLS first (HOST:PORT targets; routes know their own).
         #[arg(long, value_enum)]
         starttls: Option<StarttlsArg>,
+        /// Fetch a token with the route's [oauth] settings and log in upstream with XOAUTH2
+        /// (no mail is sent); exit 0 only when the upstream accepts it.
+        #[arg(long)]
+        xoauth2: bool,
+        /// The mailbox to log in as (default: the route's default_mailbox).
+        #[arg(long, requires = "xoauth2")]
+        mailbox: Option<String>,
     },
     /// Exit 0 when the running instance's /healthz answers (for container health checks).
     Health,
@@ -151,7 +158,9 @@ mod tests {
     fn subcommands_and_their_arguments() {
         let cli = parse(&["probe", "smtp.office365.com:587", "--starttls", "smtp"]).unwrap();
         match cli.command {
-            Some(Command::Probe { target, starttls }) => {
+            Some(Command::Probe {
+                target, starttls, ..
+            }) => {
                 assert_eq!(target, "smtp.office365.com:587");
                 assert_eq!(starttls.map(Dialect::from), Some(Dialect::Smtp));
             }

@@ -54,9 +54,15 @@ pub fn execute(
             eprintln!("{source}");
             print(Ok(out))
         }
-        Command::Probe { target, starttls } => {
-            probe::run(&config, &target, starttls.map(Into::into))
-        }
+        Command::Probe {
+            target,
+            xoauth2: true,
+            mailbox,
+            ..
+        } => probe::run_xoauth2(&config, &target, mailbox.as_deref()),
+        Command::Probe {
+            target, starttls, ..
+        } => probe::run(&config, &target, starttls.map(Into::into)),
         Command::Health => print(health::health(&config)),
         Command::Passwd {
             user,

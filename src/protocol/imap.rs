@@ -1,11 +1,17 @@
 //! IMAP (RFC 9051/3501 STARTTLS): the server role towards the device and the client role
-//! towards the upstream, up to the start of TLS.
+//! towards the upstream, up to the start of TLS; and, for `auth = "xoauth2"` routes, the login
+//! after TLS (`LOGIN` and `AUTHENTICATE PLAIN` from the device, `AUTHENTICATE XOAUTH2` to the
+//! upstream).
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use zeroize::Zeroizing;
 
+use crate::secret::Secret;
+
+use super::sasl::{self, SaslError};
 use super::{
-    verb, DialogError, LineConn, StartTls, UpstreamDialogError, MAX_COMMANDS, MAX_LINE,
-    MAX_REPLY_LINES,
+    rejection, verb, DeviceLogin, DialogError, LineConn, Login, LoginAnswer, StartTls,
+    UpstreamAuthError, UpstreamDialogError, MAX_COMMANDS, MAX_LINE, MAX_REPLY_LINES,
 };
 
 const CAPABILITIES: &str = "IMAP4rev1 STARTTLS LOGINDISABLED";
@@ -211,6 +217,189 @@ pub async fn read_greeting<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+// The login after TLS (`auth = "xoauth2"`).
+
+/// What the device is told before it logs in: plain logins welcome.
+const LOGIN_CAPABILITIES: &str = "IMAP4rev1 SASL-IR AUTH=PLAIN";
+
+/// The tag used for the upstream's AUTHENTICATE.
+const UPSTREAM_TAG: &str = "tb1";
+
+/// Serves CAPABILITY, NOOP, ID and LOGOUT until the device sends `LOGIN user pass` or
+/// `AUTHENTICATE PLAIN` with its credentials. Literals are refused with BAD.
+pub async fn device_until_login<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+) -> Result<DeviceLogin, DialogError> {
+    for _ in 0..MAX_COMMANDS {
+        let line = Zeroizing::new(read_auth_line(conn).await?);
+        let (tag, command) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        if !valid_tag(tag) {
+            conn.send(b"* BAD missing or invalid tag\r\n").await?;
+            continue;
+        }
+        let (command, arg) = verb(command);
+        let login = |user, password| DeviceLogin {
+            login: Login::Password { user, password },
+            tag: Some(tag.to_string()),
+            client_name: None,
+        };
+        let reply = match command.as_str() {
+            "CAPABILITY" => {
+                format!("* CAPABILITY {LOGIN_CAPABILITIES}\r\n{tag} OK CAPABILITY completed\r\n")
+            }
+            "NOOP" => format!("{tag} OK NOOP completed\r\n"),
+            "ID" => format!("* ID NIL\r\n{tag} OK ID completed\r\n"),
+            "LOGOUT" => {
+                conn.send(format!("* BYE logging out\r\n{tag} OK LOGOUT completed\r\n").as_bytes())
+                    .await?;
+                return Err(DialogError::Quit);
+            }
+            "STARTTLS" => format!("{tag} BAD TLS already active\r\n"),
+            "LOGIN" => match login_arguments(arg) {
+                Ok((user, password)) => return Ok(login(user, password)),
+                Err(why) => format!("{tag} BAD {why}\r\n"),
+            },
+            "AUTHENTICATE" => {
+                let (mechanism, initial) = verb(arg);
+                if mechanism != "PLAIN" {
+                    format!("{tag} NO [CANNOT] unsupported mechanism\r\n")
+                } else {
+                    let response = if initial.is_empty() {
+                        conn.send(b"+ \r\n").await?;
+                        Zeroizing::new(read_auth_line(conn).await?)
+                    } else {
+                        Zeroizing::new(initial.to_string())
+                    };
+                    match sasl::decode_plain(response.as_bytes()) {
+                        Ok(creds) => return Ok(login(creds.user, creds.password)),
+                        Err(SaslError::Cancelled) => {
+                            format!("{tag} BAD authentication cancelled\r\n")
+                        }
+                        Err(err) => format!("{tag} BAD {err}\r\n"),
+                    }
+                }
+            }
+            _ => format!("{tag} BAD log in first\r\n"),
+        };
+        conn.send(reply.as_bytes()).await?;
+    }
+    conn.send(b"* BYE too many commands before login\r\n")
+        .await?;
+    Err(DialogError::TooManyCommands)
+}
+
+/// Reads one line of the login dialog as text, answering an over-long one.
+async fn read_auth_line<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+) -> Result<String, DialogError> {
+    match conn.read_text().await {
+        Err(DialogError::LineTooLong) => {
+            conn.send(b"* BYE line too long\r\n").await?;
+            Err(DialogError::LineTooLong)
+        }
+        line => line,
+    }
+}
+
+/// The user name and password of `LOGIN`: two astrings (atoms or quoted strings).
+fn login_arguments(arg: &str) -> Result<(String, Secret), &'static str> {
+    let (user, rest) = astring(arg)?;
+    let (password, rest) = astring(rest.trim_start())?;
+    let password = Zeroizing::new(password);
+    if !rest.trim().is_empty() {
+        return Err("LOGIN takes two arguments");
+    }
+    if user.is_empty() || user.len() > sasl::MAX_USER || user.chars().any(char::is_control) {
+        return Err("invalid user name");
+    }
+    if password.is_empty() || password.len() > sasl::MAX_PASSWORD {
+        return Err("invalid password");
+    }
+    Ok((user, Secret::new(password.as_str())))
+}
+
+/// One astring at the start of `text` and the rest after it.
+fn astring(text: &str) -> Result<(String, &str), &'static str> {
+    if text.starts_with('{') {
+        return Err("literals are not supported here: send quoted strings");
+    }
+    let Some(quoted) = text.strip_prefix('"') else {
+        let end = text.find(' ').unwrap_or(text.len());
+        let atom = &text[..end];
+        if atom.is_empty() || atom.contains(['"', '\\', '(', ')', '{']) {
+            return Err("LOGIN needs a user name and a password");
+        }
+        return Ok((atom.to_string(), &text[end..]));
+    };
+    let mut value = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Ok((value, &quoted[i + 1..])),
+            '\\' => match chars.next() {
+                Some((_, escaped @ ('"' | '\\'))) => value.push(escaped),
+                _ => return Err("bad escape in a quoted string"),
+            },
+            _ => value.push(c),
+        }
+    }
+    Err("unterminated quoted string")
+}
+
+/// The tagged answer to the device's login.
+pub fn login_answer(login: &DeviceLogin, answer: LoginAnswer) -> Vec<u8> {
+    let tag = login.tag.as_deref().unwrap_or("*");
+    let text = match answer {
+        LoginAnswer::Accepted => "OK authenticated",
+        LoginAnswer::BadPassword => "NO [AUTHENTICATIONFAILED] invalid credentials",
+        LoginAnswer::Unavailable => {
+            "NO [UNAVAILABLE] temporary authentication failure, try again later"
+        }
+    };
+    format!("{tag} {text}\r\n").into_bytes()
+}
+
+/// `AUTHENTICATE XOAUTH2 <initial>` (SASL-IR): a tagged OK is success; a `+` error challenge is
+/// answered with an empty line and the tagged status read.
+pub async fn upstream_xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+    initial: &Secret,
+) -> Result<(), UpstreamAuthError> {
+    let command = Zeroizing::new(format!(
+        "{UPSTREAM_TAG} AUTHENTICATE XOAUTH2 {}\r\n",
+        initial.expose()
+    ));
+    conn.send(command.as_bytes())
+        .await
+        .map_err(DialogError::from)?;
+    let mut challenge = None;
+    for _ in 0..MAX_REPLY_LINES {
+        let line = conn.read_text().await?;
+        if let Some(status) = line
+            .strip_prefix(UPSTREAM_TAG)
+            .and_then(|rest| rest.strip_prefix(' '))
+        {
+            if is_ok(status) {
+                return Ok(());
+            }
+            return Err(UpstreamAuthError::Rejected(rejection(
+                status,
+                challenge.as_ref(),
+            )));
+        }
+        if let Some(b64) = line.strip_prefix('+') {
+            if challenge.is_some() {
+                return Err(UpstreamDialogError::Unexpected("a second challenge".into()).into());
+            }
+            challenge = Some(sasl::decode_xoauth2_challenge(b64.as_bytes()));
+            conn.send(b"\r\n").await.map_err(DialogError::from)?;
+        } else if !line.starts_with("* ") {
+            return Err(UpstreamDialogError::Unexpected(crate::text::printable(&line)).into());
+        }
+    }
+    Err(UpstreamDialogError::Unexpected(format!("more than {MAX_REPLY_LINES} lines")).into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,5 +579,138 @@ mod tests {
         let (ours, server) = duplex(1024);
         scripted_server(server, vec![("", "* PREAUTH ready\r\n")]);
         assert!(read_greeting(&mut LineConn::new(ours), false).await.is_ok());
+    }
+}
+
+#[cfg(test)]
+mod login_tests {
+    use super::*;
+    use crate::protocol::testing::{read_until, scripted_server};
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use tokio::io::{duplex, AsyncWriteExt};
+
+    fn serve() -> (
+        tokio::task::JoinHandle<Result<DeviceLogin, DialogError>>,
+        tokio::io::DuplexStream,
+    ) {
+        let (ours, device) = duplex(8192);
+        let task = tokio::spawn(async move {
+            let mut conn = LineConn::with_max_line(ours, crate::protocol::MAX_AUTH_LINE);
+            device_until_login(&mut conn).await
+        });
+        (task, device)
+    }
+
+    fn password_of(login: &DeviceLogin) -> (String, String) {
+        match &login.login {
+            Login::Password { user, password } => (user.clone(), password.expose().to_string()),
+            Login::Without { .. } => panic!("expected a password login"),
+        }
+    }
+
+    #[tokio::test]
+    async fn capability_then_login_with_quoted_strings() {
+        let (task, mut device) = serve();
+        device.write_all(b"a1 CAPABILITY\r\n").await.unwrap();
+        let caps = read_until(&mut device, "a1 OK").await;
+        assert!(
+            caps.contains("AUTH=PLAIN") && !caps.contains("LOGINDISABLED"),
+            "{caps}"
+        );
+        device
+            .write_all(b"a2 LOGIN \"scanner1\" \"pa ss\\\"word\"\r\n")
+            .await
+            .unwrap();
+        let login = task.await.unwrap().unwrap();
+        assert_eq!(login.tag.as_deref(), Some("a2"));
+        assert_eq!(
+            password_of(&login),
+            ("scanner1".into(), "pa ss\"word".into())
+        );
+        assert_eq!(
+            login_answer(&login, LoginAnswer::Accepted),
+            b"a2 OK authenticated\r\n"
+        );
+        assert_eq!(
+            login_answer(&login, LoginAnswer::BadPassword),
+            b"a2 NO [AUTHENTICATIONFAILED] invalid credentials\r\n"
+        );
+        assert!(login_answer(&login, LoginAnswer::Unavailable).starts_with(b"a2 NO [UNAVAILABLE]"));
+    }
+
+    #[tokio::test]
+    async fn login_with_atoms_and_literals_refused() {
+        let (task, mut device) = serve();
+        device
+            .write_all(b"a1 LOGIN scanner1 {5}\r\na2 SELECT INBOX\r\na3 LOGIN u p\r\n")
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "a2 BAD").await;
+        assert!(seen.contains("a1 BAD literals"), "{seen}");
+        assert_eq!(
+            password_of(&task.await.unwrap().unwrap()),
+            ("u".into(), "p".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn authenticate_plain_with_and_without_sasl_ir() {
+        let ir = STANDARD.encode("\0scanner1\0pw");
+        let (task, mut device) = serve();
+        device
+            .write_all(format!("x AUTHENTICATE PLAIN {ir}\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(password_of(&task.await.unwrap().unwrap()).1, "pw");
+
+        let (task, mut device) = serve();
+        device
+            .write_all(b"x AUTHENTICATE XOAUTH2 abc\r\nx AUTHENTICATE PLAIN\r\n")
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "+ \r\n").await;
+        assert!(seen.contains("x NO [CANNOT]"), "{seen}");
+        device
+            .write_all(format!("{ir}\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(password_of(&task.await.unwrap().unwrap()).0, "scanner1");
+
+        let (task, mut device) = serve();
+        device
+            .write_all(b"x AUTHENTICATE PLAIN\r\n*\r\ny LOGOUT\r\n")
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "y OK LOGOUT").await;
+        assert!(seen.contains("x BAD authentication cancelled"), "{seen}");
+        assert!(matches!(task.await.unwrap(), Err(DialogError::Quit)));
+    }
+
+    async fn xoauth2(script: Vec<(&'static str, &'static str)>) -> Result<(), UpstreamAuthError> {
+        let (ours, server) = duplex(8192);
+        scripted_server(server, script);
+        upstream_xoauth2(&mut LineConn::new(ours), &Secret::new("dXNlcj0=")).await
+    }
+
+    #[tokio::test]
+    async fn upstream_xoauth2_success_and_rejection() {
+        xoauth2(vec![(
+            "tb1 AUTHENTICATE XOAUTH2 dXNlcj0=",
+            "* CAPABILITY IMAP4rev1\r\ntb1 OK AUTHENTICATE completed.\r\n",
+        )])
+        .await
+        .unwrap();
+        let err = xoauth2(vec![
+            ("tb1 AUTHENTICATE", "+ eyJzdGF0dXMiOiI0MDAifQ==\r\n"),
+            ("", "tb1 NO AUTHENTICATE failed.\r\n"),
+        ])
+        .await
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("NO AUTHENTICATE failed") && text.contains("status 400"),
+            "{text}"
+        );
     }
 }

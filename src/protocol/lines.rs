@@ -10,13 +10,21 @@ use super::{DialogError, MAX_LINE};
 pub struct LineConn<S> {
     stream: S,
     buf: Vec<u8>,
+    max: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> LineConn<S> {
     pub fn new(stream: S) -> Self {
+        LineConn::with_max_line(stream, MAX_LINE)
+    }
+
+    /// A connection whose lines may be up to `max` octets, terminator included (the login
+    /// dialogs after TLS carry base64 SASL responses longer than a pre-TLS command).
+    pub fn with_max_line(stream: S, max: usize) -> Self {
         LineConn {
             stream,
             buf: Vec::with_capacity(MAX_LINE),
+            max,
         }
     }
 
@@ -24,19 +32,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineConn<S> {
     pub async fn read_line(&mut self) -> Result<Vec<u8>, DialogError> {
         loop {
             if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
-                if end + 1 > MAX_LINE {
+                if end + 1 > self.max {
                     return Err(DialogError::LineTooLong);
                 }
                 return Ok(self.buf.drain(..=end).collect());
             }
-            if self.buf.len() >= MAX_LINE {
+            if self.buf.len() >= self.max {
                 return Err(DialogError::LineTooLong);
             }
             let mut chunk = [0u8; MAX_LINE];
-            let n = self
-                .stream
-                .read(&mut chunk[..MAX_LINE - self.buf.len()])
-                .await?;
+            let room = (self.max - self.buf.len()).min(MAX_LINE);
+            let n = self.stream.read(&mut chunk[..room]).await?;
             if n == 0 {
                 return Err(DialogError::Closed);
             }

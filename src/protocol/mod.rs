@@ -207,3 +207,110 @@ pub(crate) fn verb(line: &str) -> (String, &str) {
     let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
     (verb.to_ascii_uppercase(), rest.trim())
 }
+
+// The login dialogs after TLS, for routes with `auth = "xoauth2"`: the server role towards the
+// device up to its credentials, the answer to its login, and the client role towards the
+// upstream's SASL XOAUTH2 exchange. Each protocol module has its half beside its pre-TLS dialog.
+
+/// Longest line of a login dialog after TLS, CRLF included: a base64 SASL response of
+/// [`sasl::MAX_RESPONSE_B64`] octets with its command around it.
+pub const MAX_AUTH_LINE: usize = sasl::MAX_RESPONSE_B64 + 64;
+
+/// What the device gave on its way to a login.
+#[derive(Debug)]
+pub enum Login {
+    /// A user name and password (PLAIN, LOGIN, IMAP `LOGIN`, POP3 `USER`/`PASS`).
+    Password {
+        user: String,
+        password: crate::secret::Secret,
+    },
+    /// The device went on without logging in (SMTP where the route does not require it):
+    /// `command` is the line it sent, to be forwarded once logged in upstream.
+    Without { command: Vec<u8> },
+}
+
+/// The device's login and what its answer needs.
+#[derive(Debug)]
+pub struct DeviceLogin {
+    pub login: Login,
+    /// The IMAP tag of the login command, for the tagged answer.
+    pub tag: Option<String>,
+    /// The name the device gave in SMTP EHLO/HELO after TLS.
+    pub client_name: Option<String>,
+}
+
+/// How the device's login went, in the words its protocol has for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginAnswer {
+    Accepted,
+    /// The device user or its password is wrong.
+    BadPassword,
+    /// Try again later: the token or the upstream login failed.
+    Unavailable,
+}
+
+/// Why the upstream's XOAUTH2 exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamAuthError {
+    /// The upstream refused the token; the reply text (and the decoded error challenge),
+    /// sanitised.
+    #[error("upstream refused the XOAUTH2 login: {0}")]
+    Rejected(String),
+    #[error(transparent)]
+    Dialog(#[from] UpstreamDialogError),
+}
+
+impl From<DialogError> for UpstreamAuthError {
+    fn from(err: DialogError) -> Self {
+        UpstreamAuthError::Dialog(err.into())
+    }
+}
+
+/// Runs the device side of the login after TLS until the device has given its credentials (or,
+/// where `required` is false, an SMTP command that needs a login). `upstream_ehlo` is the
+/// upstream's EHLO reply after TLS (SMTP only), shown to the device with our AUTH line.
+pub async fn device_until_login<S: AsyncRead + AsyncWrite + Unpin>(
+    dialect: Dialect,
+    conn: &mut LineConn<S>,
+    server_name: &str,
+    upstream_ehlo: &[String],
+    required: bool,
+) -> Result<DeviceLogin, DialogError> {
+    match dialect {
+        Dialect::Smtp => smtp::device_until_login(conn, server_name, upstream_ehlo, required).await,
+        Dialect::Imap => imap::device_until_login(conn).await,
+        Dialect::Pop3 => pop3::device_until_login(conn).await,
+    }
+}
+
+/// The device's answer to its login.
+pub fn login_answer(dialect: Dialect, login: &DeviceLogin, answer: LoginAnswer) -> Vec<u8> {
+    match dialect {
+        Dialect::Smtp => smtp::login_answer(login, answer),
+        Dialect::Imap => imap::login_answer(login, answer),
+        Dialect::Pop3 => pop3::login_answer(answer),
+    }
+}
+
+/// The client side of the upstream's SASL XOAUTH2 exchange with the base64 `initial`
+/// response; an error challenge is answered with an empty response, then the final reply read.
+pub async fn upstream_xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
+    dialect: Dialect,
+    conn: &mut LineConn<S>,
+    initial: &crate::secret::Secret,
+) -> Result<(), UpstreamAuthError> {
+    match dialect {
+        Dialect::Smtp => smtp::upstream_xoauth2(conn, initial).await,
+        Dialect::Imap => imap::upstream_xoauth2(conn, initial).await,
+        Dialect::Pop3 => pop3::upstream_xoauth2(conn, initial).await,
+    }
+}
+
+/// A rejection's text: the reply, and the decoded JSON of an error challenge when there was one.
+fn rejection(reply: &str, challenge: Option<&sasl::Xoauth2Challenge>) -> String {
+    let reply = crate::text::printable(reply);
+    match challenge {
+        Some(challenge) => format!("{reply} ({challenge})"),
+        None => reply,
+    }
+}

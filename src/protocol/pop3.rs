@@ -1,10 +1,17 @@
 //! POP3 (RFC 1939 + RFC 2595 STLS): the server role towards the device and the client role
-//! towards the upstream, up to the start of TLS.
+//! towards the upstream, up to the start of TLS; and, for `auth = "xoauth2"` routes, the login
+//! after TLS (`USER`/`PASS` and `AUTH PLAIN` from the device, `AUTH XOAUTH2` to the upstream,
+//! RFC 5034).
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use zeroize::Zeroizing;
 
+use crate::secret::Secret;
+
+use super::sasl::{self, SaslError};
 use super::{
-    verb, DialogError, LineConn, StartTls, UpstreamDialogError, MAX_COMMANDS, MAX_REPLY_LINES,
+    rejection, verb, DeviceLogin, DialogError, LineConn, Login, LoginAnswer, StartTls,
+    UpstreamAuthError, UpstreamDialogError, MAX_COMMANDS, MAX_REPLY_LINES,
 };
 
 /// Over a connection limit, before any dialog.
@@ -96,6 +103,128 @@ pub async fn read_greeting<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let line = crate::text::printable(String::from_utf8_lossy(&raw).trim_end());
     Err(UpstreamDialogError::Greeting(line))
+}
+
+// The login after TLS (`auth = "xoauth2"`).
+
+/// Serves CAPA, NOOP and QUIT until the device has sent `USER` and `PASS`, or `AUTH PLAIN`
+/// with its credentials.
+pub async fn device_until_login<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+) -> Result<DeviceLogin, DialogError> {
+    let mut user: Option<String> = None;
+    let login = |user, password| DeviceLogin {
+        login: Login::Password { user, password },
+        tag: None,
+        client_name: None,
+    };
+    for _ in 0..MAX_COMMANDS {
+        let line = Zeroizing::new(read_auth_line(conn).await?);
+        let (command, arg) = verb(&line);
+        let reply = match command.as_str() {
+            "CAPA" => "+OK capability list follows\r\nUSER\r\nSASL PLAIN\r\n.\r\n".to_string(),
+            "NOOP" => "+OK\r\n".to_string(),
+            "QUIT" => {
+                conn.send(b"+OK bye\r\n").await?;
+                return Err(DialogError::Quit);
+            }
+            "STLS" => "-ERR TLS already active\r\n".to_string(),
+            "USER" if arg.is_empty() || arg.len() > sasl::MAX_USER => {
+                "-ERR invalid user name\r\n".to_string()
+            }
+            "USER" if arg.chars().any(char::is_control) => "-ERR invalid user name\r\n".to_string(),
+            "USER" => {
+                user = Some(arg.to_string());
+                "+OK send PASS\r\n".to_string()
+            }
+            "PASS" => match user.take() {
+                None => "-ERR USER first\r\n".to_string(),
+                Some(_) if arg.is_empty() || arg.len() > sasl::MAX_PASSWORD => {
+                    "-ERR invalid password\r\n".to_string()
+                }
+                Some(name) => return Ok(login(name, Secret::new(arg))),
+            },
+            "AUTH" => {
+                let (mechanism, initial) = verb(arg);
+                match mechanism.as_str() {
+                    "" => "+OK\r\nPLAIN\r\n.\r\n".to_string(),
+                    "PLAIN" => {
+                        let response = if initial.is_empty() {
+                            conn.send(b"+ \r\n").await?;
+                            Zeroizing::new(read_auth_line(conn).await?)
+                        } else {
+                            Zeroizing::new(initial.to_string())
+                        };
+                        match sasl::decode_plain(response.as_bytes()) {
+                            Ok(creds) => return Ok(login(creds.user, creds.password)),
+                            Err(SaslError::Cancelled) => "-ERR authentication cancelled\r\n".into(),
+                            Err(err) => format!("-ERR {err}\r\n"),
+                        }
+                    }
+                    _ => "-ERR unsupported mechanism\r\n".to_string(),
+                }
+            }
+            _ => "-ERR authenticate first\r\n".to_string(),
+        };
+        conn.send(reply.as_bytes()).await?;
+    }
+    conn.send(b"-ERR too many commands before login\r\n")
+        .await?;
+    Err(DialogError::TooManyCommands)
+}
+
+/// Reads one line of the login dialog as text, answering an over-long one.
+async fn read_auth_line<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+) -> Result<String, DialogError> {
+    match conn.read_text().await {
+        Err(DialogError::LineTooLong) => {
+            conn.send(b"-ERR line too long\r\n").await?;
+            Err(DialogError::LineTooLong)
+        }
+        line => line,
+    }
+}
+
+/// The answer to the device's login.
+pub fn login_answer(answer: LoginAnswer) -> Vec<u8> {
+    let text: &[u8] = match answer {
+        LoginAnswer::Accepted => b"+OK logged in\r\n",
+        LoginAnswer::BadPassword => b"-ERR [AUTH] invalid credentials\r\n",
+        LoginAnswer::Unavailable => {
+            b"-ERR [SYS/TEMP] temporary authentication failure, try again later\r\n"
+        }
+    };
+    text.to_vec()
+}
+
+/// `AUTH XOAUTH2 <initial>`: `+OK` is success; a `+` error challenge is answered with an empty
+/// line and the final `-ERR` read.
+pub async fn upstream_xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+    initial: &Secret,
+) -> Result<(), UpstreamAuthError> {
+    let command = Zeroizing::new(format!("AUTH XOAUTH2 {}\r\n", initial.expose()));
+    conn.send(command.as_bytes())
+        .await
+        .map_err(DialogError::from)?;
+    let reply = conn.read_text().await?;
+    if reply.starts_with("+OK") {
+        return Ok(());
+    }
+    if let Some(b64) = reply.strip_prefix('+') {
+        let challenge = sasl::decode_xoauth2_challenge(b64.as_bytes());
+        conn.send(b"\r\n").await.map_err(DialogError::from)?;
+        let last = conn.read_text().await?;
+        return Err(UpstreamAuthError::Rejected(rejection(
+            &last,
+            Some(&challenge),
+        )));
+    }
+    if reply.starts_with("-ERR") {
+        return Err(UpstreamAuthError::Rejected(rejection(&reply, None)));
+    }
+    Err(UpstreamDialogError::Unexpected(crate::text::printable(&reply)).into())
 }
 
 #[cfg(test)]
@@ -203,5 +332,113 @@ mod tests {
         ));
         let busy = upstream(vec![("", "-ERR busy\r\n")]).await;
         assert!(matches!(busy, Err(UpstreamDialogError::Greeting(_))));
+    }
+}
+
+#[cfg(test)]
+mod login_tests {
+    use super::*;
+    use crate::protocol::testing::{read_until, scripted_server};
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use tokio::io::{duplex, AsyncWriteExt};
+
+    fn serve() -> (
+        tokio::task::JoinHandle<Result<DeviceLogin, DialogError>>,
+        tokio::io::DuplexStream,
+    ) {
+        let (ours, device) = duplex(8192);
+        let task = tokio::spawn(async move {
+            let mut conn = LineConn::with_max_line(ours, crate::protocol::MAX_AUTH_LINE);
+            device_until_login(&mut conn).await
+        });
+        (task, device)
+    }
+
+    fn password_of(login: &DeviceLogin) -> (String, String) {
+        match &login.login {
+            Login::Password { user, password } => (user.clone(), password.expose().to_string()),
+            Login::Without { .. } => panic!("expected a password login"),
+        }
+    }
+
+    #[tokio::test]
+    async fn capa_then_user_pass() {
+        let (task, mut device) = serve();
+        device
+            .write_all(b"CAPA\r\nPASS early\r\nUSER scanner1\r\n")
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "+OK send PASS\r\n").await;
+        assert!(
+            seen.contains("SASL PLAIN\r\n.\r\n") && seen.contains("-ERR USER first"),
+            "{seen}"
+        );
+        device.write_all(b"PASS pa ss\r\n").await.unwrap();
+        let login = task.await.unwrap().unwrap();
+        assert_eq!(password_of(&login), ("scanner1".into(), "pa ss".into()));
+        assert_eq!(login_answer(LoginAnswer::Accepted), b"+OK logged in\r\n");
+        assert!(login_answer(LoginAnswer::BadPassword).starts_with(b"-ERR"));
+        assert!(login_answer(LoginAnswer::Unavailable).starts_with(b"-ERR [SYS/TEMP]"));
+    }
+
+    #[tokio::test]
+    async fn auth_plain_with_and_without_initial_response() {
+        let ir = STANDARD.encode("\0scanner1\0pw");
+        let (task, mut device) = serve();
+        device
+            .write_all(format!("AUTH PLAIN {ir}\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(password_of(&task.await.unwrap().unwrap()).1, "pw");
+
+        let (task, mut device) = serve();
+        device.write_all(b"STAT\r\nAUTH PLAIN\r\n").await.unwrap();
+        let seen = read_until(&mut device, "+ \r\n").await;
+        assert!(seen.starts_with("-ERR authenticate first"), "{seen}");
+        device
+            .write_all(format!("{ir}\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(password_of(&task.await.unwrap().unwrap()).0, "scanner1");
+
+        let (task, mut device) = serve();
+        device.write_all(b"QUIT\r\n").await.unwrap();
+        read_until(&mut device, "+OK bye").await;
+        assert!(matches!(task.await.unwrap(), Err(DialogError::Quit)));
+    }
+
+    async fn xoauth2(script: Vec<(&'static str, &'static str)>) -> Result<(), UpstreamAuthError> {
+        let (ours, server) = duplex(8192);
+        scripted_server(server, script);
+        upstream_xoauth2(&mut LineConn::new(ours), &Secret::new("dXNlcj0=")).await
+    }
+
+    #[tokio::test]
+    async fn upstream_xoauth2_success_and_rejection() {
+        xoauth2(vec![(
+            "AUTH XOAUTH2 dXNlcj0=",
+            "+OK User successfully authenticated.\r\n",
+        )])
+        .await
+        .unwrap();
+        let err = xoauth2(vec![
+            ("AUTH XOAUTH2", "+ eyJzdGF0dXMiOiI0MDEifQ==\r\n"),
+            (
+                "",
+                "-ERR Authentication failure: unknown user name or bad password.\r\n",
+            ),
+        ])
+        .await
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("-ERR Authentication failure") && text.contains("status 401"),
+            "{text}"
+        );
+        let err = xoauth2(vec![("AUTH XOAUTH2", "-ERR nope\r\n")])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, UpstreamAuthError::Rejected(_)));
     }
 }

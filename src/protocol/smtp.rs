@@ -1,12 +1,16 @@
 //! SMTP (RFC 5321 + RFC 3207 STARTTLS): the server role towards the device and the client role
-//! towards the upstream, up to the start of TLS.
+//! towards the upstream, up to the start of TLS; and, for `auth = "xoauth2"` routes, the login
+//! after TLS (RFC 4954 AUTH PLAIN/LOGIN from the device, AUTH XOAUTH2 to the upstream).
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::secret::Secret;
 use crate::text::printable;
 
+use super::sasl::{self, SaslError};
 use super::{
-    verb, DialogError, LineConn, StartTls, UpstreamDialogError, MAX_COMMANDS, MAX_REPLY_LINES,
+    rejection, verb, DeviceLogin, DialogError, LineConn, Login, LoginAnswer, StartTls,
+    UpstreamAuthError, UpstreamDialogError, MAX_COMMANDS, MAX_REPLY_LINES,
 };
 
 /// Over a connection limit, before any dialog.
@@ -135,7 +139,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn first_line(&self) -> String {
+    pub fn first_line(&self) -> String {
         printable(self.lines.first().map(String::as_str).unwrap_or(""))
     }
 }
@@ -179,6 +183,16 @@ pub async fn read_reply<S: AsyncRead + AsyncWrite + Unpin>(
     )))
 }
 
+/// The reply line in the first bytes an upstream sent after TLS that says Microsoft 365 refused
+/// a login because Basic auth is disabled (`535 5.7.139`, `550 5.7.30`), sanitised.
+pub fn basic_auth_disabled(from_upstream: &[u8]) -> Option<String> {
+    from_upstream
+        .split(|&b| b == b'\n')
+        .map(|line| String::from_utf8_lossy(line).trim_end().to_string())
+        .find(|line| line.starts_with("535 5.7.139") || line.starts_with("550 5.7.30"))
+        .map(|line| printable(&line))
+}
+
 /// The name in an `EHLO name` / `HELO name` line at the start of `bytes`, if there is one.
 pub fn client_name(bytes: &[u8]) -> Option<String> {
     let line = bytes.split(|&b| b == b'\n').next()?;
@@ -186,6 +200,222 @@ pub fn client_name(bytes: &[u8]) -> Option<String> {
     let (verb, arg) = verb(line.trim_end());
     let name = printable(arg.split_whitespace().next()?);
     (matches!(verb.as_str(), "EHLO" | "HELO") && !name.is_empty()).then_some(name)
+}
+
+// The login after TLS (`auth = "xoauth2"`).
+
+/// Sends EHLO after TLS and returns the upstream's reply lines (code 250 required): the
+/// device's EHLO is answered with these capabilities.
+pub async fn upstream_ehlo<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+    client_name: &str,
+) -> Result<Vec<String>, UpstreamDialogError> {
+    conn.send(format!("EHLO {}\r\n", ehlo_domain(client_name)).as_bytes())
+        .await
+        .map_err(DialogError::from)?;
+    let ehlo = read_reply(conn).await?;
+    if ehlo.code != 250 {
+        return Err(UpstreamDialogError::Unexpected(format!(
+            "EHLO after TLS answered {}",
+            ehlo.first_line()
+        )));
+    }
+    Ok(ehlo.lines)
+}
+
+/// The EHLO reply for the device: the upstream's extensions with its AUTH line replaced by
+/// `AUTH PLAIN LOGIN` (and STARTTLS dropped: TLS is up).
+pub fn ehlo_for_device(server_name: &str, upstream_ehlo: &[String]) -> String {
+    let mut lines = vec![server_name.to_string()];
+    for line in upstream_ehlo.iter().skip(1) {
+        let ext = line.get(4..).unwrap_or("").trim();
+        let keyword = ext
+            .split([' ', '='])
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        if !ext.is_empty() && keyword != "AUTH" && keyword != "STARTTLS" {
+            lines.push(printable(ext));
+        }
+    }
+    lines.push("AUTH PLAIN LOGIN".into());
+    let last = lines.len() - 1;
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| format!("250{}{line}\r\n", if i == last { ' ' } else { '-' }))
+        .collect()
+}
+
+/// Reads one line of the login dialog, answering an over-long one.
+async fn read_auth_line<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+) -> Result<Vec<u8>, DialogError> {
+    match conn.read_line().await {
+        Err(DialogError::LineTooLong) => {
+            conn.send(b"500 5.5.2 Line too long\r\n").await?;
+            Err(DialogError::LineTooLong)
+        }
+        line => line,
+    }
+}
+
+/// The reply to a SASL response that could not be used.
+fn sasl_refusal(err: &SaslError) -> String {
+    match err {
+        SaslError::Cancelled => "501 5.0.0 Authentication cancelled\r\n".into(),
+        other => format!("501 5.5.2 {other}\r\n"),
+    }
+}
+
+/// Serves EHLO/HELO (with the upstream's extensions), NOOP, RSET and QUIT until the device
+/// sends AUTH PLAIN or AUTH LOGIN with its credentials. A command that needs a login before it
+/// gets 530, or, when `required` is false, ends the dialog so it can be forwarded.
+pub async fn device_until_login<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+    server_name: &str,
+    upstream_ehlo: &[String],
+    required: bool,
+) -> Result<DeviceLogin, DialogError> {
+    let mut client_name = None;
+    for _ in 0..MAX_COMMANDS {
+        let raw = read_auth_line(conn).await?;
+        let line = String::from_utf8_lossy(&raw)
+            .trim_end_matches(['\r', '\n'])
+            .to_string();
+        let (command, arg) = verb(&line);
+        let reply = match command.as_str() {
+            "EHLO" | "HELO" if arg.is_empty() => "501 5.5.4 Syntax: EHLO hostname\r\n".to_string(),
+            "EHLO" => {
+                client_name = Some(printable(arg));
+                ehlo_for_device(server_name, upstream_ehlo)
+            }
+            "HELO" => {
+                client_name = Some(printable(arg));
+                format!("250 {server_name}\r\n")
+            }
+            "NOOP" | "RSET" => "250 2.0.0 OK\r\n".to_string(),
+            "QUIT" => {
+                conn.send(b"221 2.0.0 Bye\r\n").await?;
+                return Err(DialogError::Quit);
+            }
+            "STARTTLS" => "503 5.5.1 TLS already active\r\n".to_string(),
+            "AUTH" => {
+                let (mechanism, initial) = verb(arg);
+                let initial = initial.to_string();
+                match device_sasl(conn, &mechanism, &initial).await? {
+                    Ok(Some((user, password))) => {
+                        return Ok(DeviceLogin {
+                            login: Login::Password { user, password },
+                            tag: None,
+                            client_name,
+                        })
+                    }
+                    Ok(None) => "504 5.5.4 Unrecognized authentication type\r\n".to_string(),
+                    Err(err) => sasl_refusal(&err),
+                }
+            }
+            _ if !required => {
+                return Ok(DeviceLogin {
+                    login: Login::Without { command: raw },
+                    tag: None,
+                    client_name,
+                })
+            }
+            _ => "530 5.7.0 Authentication required\r\n".to_string(),
+        };
+        conn.send(reply.as_bytes()).await?;
+    }
+    conn.send(b"421 4.7.0 Too many commands before authentication\r\n")
+        .await?;
+    Err(DialogError::TooManyCommands)
+}
+
+/// One SASL exchange for AUTH PLAIN or AUTH LOGIN (RFC 4954): the credentials, `None` for
+/// another mechanism, or why the responses could not be used.
+async fn device_sasl<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+    mechanism: &str,
+    initial: &str,
+) -> Result<Result<Option<(String, Secret)>, SaslError>, DialogError> {
+    match mechanism {
+        "PLAIN" => {
+            let response = if initial.is_empty() {
+                conn.send(b"334 \r\n").await?;
+                read_auth_line(conn).await?
+            } else {
+                initial.as_bytes().to_vec()
+            };
+            let response = zeroize::Zeroizing::new(response);
+            Ok(sasl::decode_plain(&response).map(|c| Some((c.user, c.password))))
+        }
+        "LOGIN" => {
+            let user = if initial.is_empty() {
+                let prompt = format!("334 {}\r\n", sasl::LOGIN_USERNAME_PROMPT);
+                conn.send(prompt.as_bytes()).await?;
+                read_auth_line(conn).await?
+            } else {
+                initial.as_bytes().to_vec()
+            };
+            let user = match sasl::decode_login_user(&user) {
+                Ok(user) => user,
+                Err(err) => return Ok(Err(err)),
+            };
+            let prompt = format!("334 {}\r\n", sasl::LOGIN_PASSWORD_PROMPT);
+            conn.send(prompt.as_bytes()).await?;
+            let response = zeroize::Zeroizing::new(read_auth_line(conn).await?);
+            Ok(sasl::decode_login_password(&response).map(|password| Some((user, password))))
+        }
+        _ => Ok(Ok(None)),
+    }
+}
+
+/// The answer to the device's login. A device that went on without one gets no answer when
+/// accepted: its command goes upstream, and the upstream answers it.
+pub fn login_answer(login: &DeviceLogin, answer: LoginAnswer) -> Vec<u8> {
+    let text: &[u8] = match (answer, &login.login) {
+        (LoginAnswer::Accepted, Login::Password { .. }) => {
+            b"235 2.7.0 Authentication successful\r\n"
+        }
+        (LoginAnswer::Accepted, Login::Without { .. }) => b"",
+        (LoginAnswer::BadPassword, _) => b"535 5.7.8 Authentication credentials invalid\r\n",
+        (LoginAnswer::Unavailable, _) => {
+            b"454 4.7.0 Temporary authentication failure, try again later\r\n"
+        }
+    };
+    text.to_vec()
+}
+
+/// `AUTH XOAUTH2 <initial>`: 235 is success; a 334 error challenge is answered with an empty
+/// line and the final reply read (RFC 7628).
+pub async fn upstream_xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut LineConn<S>,
+    initial: &Secret,
+) -> Result<(), UpstreamAuthError> {
+    let command = zeroize::Zeroizing::new(format!("AUTH XOAUTH2 {}\r\n", initial.expose()));
+    conn.send(command.as_bytes())
+        .await
+        .map_err(|err| UpstreamDialogError::from(DialogError::from(err)))?;
+    let reply = read_reply(conn).await?;
+    match reply.code {
+        235 => Ok(()),
+        334 => {
+            let b64 = reply.lines.first().and_then(|l| l.get(4..)).unwrap_or("");
+            let challenge = sasl::decode_xoauth2_challenge(b64.as_bytes());
+            conn.send(b"\r\n")
+                .await
+                .map_err(|err| UpstreamDialogError::from(DialogError::from(err)))?;
+            let last = read_reply(conn).await?;
+            Err(UpstreamAuthError::Rejected(rejection(
+                &last.first_line(),
+                Some(&challenge),
+            )))
+        }
+        _ => Err(UpstreamAuthError::Rejected(rejection(
+            &reply.first_line(),
+            None,
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -206,6 +436,17 @@ mod tests {
             seen.extend_from_slice(&buf[..n]);
         }
         String::from_utf8(seen).unwrap()
+    }
+
+    #[test]
+    fn basic_auth_refusals_are_recognised() {
+        let seen = b"250-x\r\n250 AUTH LOGIN\r\n334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n\
+            535 5.7.139 Authentication unsuccessful, basic authentication is disabled.\r\n";
+        assert!(basic_auth_disabled(seen).is_some_and(|l| l.contains("5.7.139")));
+        assert!(
+            basic_auth_disabled(b"550 5.7.30 Basic authentication is not supported\r\n").is_some()
+        );
+        assert!(basic_auth_disabled(b"535 5.7.8 bad password\r\n").is_none());
     }
 
     #[test]
@@ -378,5 +619,216 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(leftover, b"250 injected\r\n");
+    }
+}
+
+#[cfg(test)]
+mod login_tests {
+    use super::*;
+    use crate::protocol::testing::{read_until, scripted_server};
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use tokio::io::{duplex, AsyncWriteExt};
+
+    fn b64(raw: &str) -> String {
+        STANDARD.encode(raw)
+    }
+
+    fn upstream_ehlo_lines() -> Vec<String> {
+        [
+            "250-outlook.office365.com Hello",
+            "250-SIZE 157286400",
+            "250-AUTH LOGIN XOAUTH2",
+            "250-STARTTLS",
+            "250 8BITMIME",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Starts the device side; returns the task and the device's end.
+    fn serve(
+        required: bool,
+    ) -> (
+        tokio::task::JoinHandle<Result<DeviceLogin, DialogError>>,
+        tokio::io::DuplexStream,
+    ) {
+        let (ours, device) = duplex(8192);
+        let task = tokio::spawn(async move {
+            let mut conn = LineConn::with_max_line(ours, crate::protocol::MAX_AUTH_LINE);
+            device_until_login(&mut conn, "gw.lan", &upstream_ehlo_lines(), required).await
+        });
+        (task, device)
+    }
+
+    fn password_of(login: DeviceLogin) -> (String, String) {
+        match login.login {
+            Login::Password { user, password } => (user, password.expose().to_string()),
+            Login::Without { .. } => panic!("expected a password login"),
+        }
+    }
+
+    #[test]
+    fn ehlo_shows_the_upstream_extensions_with_our_auth_line() {
+        let ehlo = ehlo_for_device("gw.lan", &upstream_ehlo_lines());
+        assert_eq!(
+            ehlo,
+            "250-gw.lan\r\n250-SIZE 157286400\r\n250-8BITMIME\r\n250 AUTH PLAIN LOGIN\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn auth_login_after_ehlo() {
+        let (task, mut device) = serve(true);
+        device.write_all(b"EHLO scanner\r\n").await.unwrap();
+        let ehlo = read_until(&mut device, "250 AUTH PLAIN LOGIN\r\n").await;
+        assert!(
+            !ehlo.contains("XOAUTH2") && !ehlo.contains("STARTTLS"),
+            "{ehlo}"
+        );
+        device.write_all(b"AUTH LOGIN\r\n").await.unwrap();
+        read_until(&mut device, "334 VXNlcm5hbWU6\r\n").await;
+        device
+            .write_all(format!("{}\r\n", b64("scanner1")).as_bytes())
+            .await
+            .unwrap();
+        read_until(&mut device, "334 UGFzc3dvcmQ6\r\n").await;
+        device
+            .write_all(format!("{}\r\n", b64("s3cret")).as_bytes())
+            .await
+            .unwrap();
+        let login = task.await.unwrap().unwrap();
+        assert_eq!(login.client_name.as_deref(), Some("scanner"));
+        assert_eq!(
+            login_answer(&login, LoginAnswer::Accepted),
+            b"235 2.7.0 Authentication successful\r\n"
+        );
+        assert_eq!(password_of(login), ("scanner1".into(), "s3cret".into()));
+    }
+
+    #[tokio::test]
+    async fn auth_plain_with_and_without_initial_response() {
+        let (task, mut device) = serve(true);
+        let ir = b64("\0scanner1\0pw one");
+        device
+            .write_all(format!("EHLO x\r\nAUTH PLAIN {ir}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let login = task.await.unwrap().unwrap();
+        assert_eq!(password_of(login), ("scanner1".into(), "pw one".into()));
+
+        let (task, mut device) = serve(true);
+        device.write_all(b"AUTH PLAIN\r\n").await.unwrap();
+        read_until(&mut device, "334 \r\n").await;
+        device
+            .write_all(format!("{}\r\n", b64("\0u\0p")).as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(password_of(task.await.unwrap().unwrap()).0, "u");
+    }
+
+    #[tokio::test]
+    async fn mail_before_auth_is_refused_or_forwarded() {
+        let (task, mut device) = serve(true);
+        device
+            .write_all(b"EHLO x\r\nMAIL FROM:<a@b>\r\nAUTH CRAM-MD5\r\nAUTH PLAIN !!\r\nQUIT\r\n")
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "221 2.0.0 Bye\r\n").await;
+        assert!(
+            seen.contains("530 5.7.0 Authentication required\r\n"),
+            "{seen}"
+        );
+        assert!(seen.contains("504 5.5.4"), "{seen}");
+        assert!(seen.contains("501 5.5.2"), "{seen}");
+        assert!(matches!(task.await.unwrap(), Err(DialogError::Quit)));
+
+        let (task, mut device) = serve(false);
+        device
+            .write_all(b"EHLO x\r\nMAIL FROM:<a@b>\r\n")
+            .await
+            .unwrap();
+        let login = task.await.unwrap().unwrap();
+        assert!(
+            matches!(&login.login, Login::Without { command } if command == b"MAIL FROM:<a@b>\r\n")
+        );
+        assert!(login_answer(&login, LoginAnswer::Accepted).is_empty());
+    }
+
+    #[tokio::test]
+    async fn failures_have_their_replies_and_limits_hold() {
+        let login = DeviceLogin {
+            login: Login::Without {
+                command: Vec::new(),
+            },
+            tag: None,
+            client_name: None,
+        };
+        assert!(login_answer(&login, LoginAnswer::BadPassword).starts_with(b"535 5.7.8"));
+        assert!(login_answer(&login, LoginAnswer::Unavailable).starts_with(b"454 4.7.0"));
+
+        let (task, mut device) = serve(true);
+        device
+            .write_all("NOOP\r\n".repeat(MAX_COMMANDS + 1).as_bytes())
+            .await
+            .unwrap();
+        read_until(&mut device, "421 4.7.0").await;
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(DialogError::TooManyCommands)
+        ));
+        let (task, mut device) = serve(true);
+        device
+            .write_all(&vec![b'A'; crate::protocol::MAX_AUTH_LINE + 10])
+            .await
+            .unwrap();
+        read_until(&mut device, "500 5.5.2").await;
+        assert!(matches!(task.await.unwrap(), Err(DialogError::LineTooLong)));
+    }
+
+    async fn xoauth2(script: Vec<(&'static str, &'static str)>) -> Result<(), UpstreamAuthError> {
+        let (ours, server) = duplex(8192);
+        scripted_server(server, script);
+        let mut conn = LineConn::new(ours);
+        upstream_xoauth2(&mut conn, &Secret::new("dXNlcj0=")).await
+    }
+
+    #[tokio::test]
+    async fn upstream_xoauth2_success_and_rejections() {
+        xoauth2(vec![(
+            "AUTH XOAUTH2 dXNlcj0=",
+            "235 2.7.0 Authentication successful\r\n",
+        )])
+        .await
+        .unwrap();
+        let challenge = STANDARD.encode(r#"{"status":"401","schemes":"bearer","scope":"x"}"#);
+        let challenge: &'static str = Box::leak(format!("334 {challenge}\r\n").into_boxed_str());
+        let err = xoauth2(vec![
+            ("AUTH XOAUTH2", challenge),
+            ("", ""),
+            ("", "535 5.7.3 Authentication unsuccessful\r\n"),
+        ])
+        .await
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("535 5.7.3") && text.contains("status 401"),
+            "{text}"
+        );
+        let err = xoauth2(vec![(
+            "AUTH XOAUTH2",
+            "535 5.7.139 Authentication unsuccessful\r\n",
+        )])
+        .await
+        .unwrap_err();
+        assert!(matches!(err, UpstreamAuthError::Rejected(ref r) if r.contains("5.7.139")));
+    }
+
+    #[tokio::test]
+    async fn upstream_ehlo_after_tls() {
+        let (ours, server) = duplex(8192);
+        scripted_server(server, vec![("EHLO gw", "250-x\r\n250 AUTH XOAUTH2\r\n")]);
+        let lines = upstream_ehlo(&mut LineConn::new(ours), "gw").await.unwrap();
+        assert_eq!(lines, vec!["250-x", "250 AUTH XOAUTH2"]);
     }
 }

@@ -24,3 +24,4 @@ mod signals;
 mod smtp;
 mod sni;
 mod tcp;
+mod xoauth2;

@@ -37,27 +37,60 @@ pub fn init_logging() {
         .with_ansi(false)
         .with_writer(|| MemoryLog)
         .with_filter(tracing_subscriber::EnvFilter::new("tlsbridge=debug"));
+    // And as JSON, for tests that look for a field's exact value.
+    let json = tracing_subscriber::fmt::layer()
+        .json()
+        .with_writer(|| JsonLog)
+        .with_filter(tracing_subscriber::EnvFilter::new("tlsbridge=debug"));
     let _ = tracing_subscriber::registry()
         .with(output)
         .with(audit)
         .with(memory)
+        .with(json)
         .try_init();
 }
 
-fn memory_log() -> &'static std::sync::Mutex<Vec<u8>> {
-    static LOG: std::sync::OnceLock<std::sync::Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+type Buffer = std::sync::Mutex<Vec<u8>>;
+
+fn text_log() -> &'static Buffer {
+    static LOG: std::sync::OnceLock<Buffer> = std::sync::OnceLock::new();
     LOG.get_or_init(Default::default)
+}
+
+fn json_log() -> &'static Buffer {
+    static LOG: std::sync::OnceLock<Buffer> = std::sync::OnceLock::new();
+    LOG.get_or_init(Default::default)
+}
+
+fn append(buffer: &Buffer, bytes: &[u8]) -> std::io::Result<usize> {
+    buffer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend_from_slice(bytes);
+    Ok(bytes.len())
+}
+
+fn contents(buffer: &Buffer) -> String {
+    let log = buffer.lock().unwrap_or_else(|p| p.into_inner());
+    String::from_utf8_lossy(&log).into_owned()
 }
 
 struct MemoryLog;
 
 impl std::io::Write for MemoryLog {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        memory_log()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
+        append(text_log(), buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct JsonLog;
+
+impl std::io::Write for JsonLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        append(json_log(), buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
@@ -66,6 +99,10 @@ impl std::io::Write for MemoryLog {
 
 /// Everything in-process proxies have logged so far (all tests of this binary), as text.
 pub fn log_text() -> String {
-    let log = memory_log().lock().unwrap_or_else(|p| p.into_inner());
-    String::from_utf8_lossy(&log).into_owned()
+    contents(text_log())
+}
+
+/// The same log as JSON lines (tracing's own JSON format, span fields under `span`).
+pub fn json_log_text() -> String {
+    contents(json_log())
 }
