@@ -4,7 +4,10 @@
 # 1. Installs docker.io, debootstrap and docker-compose when missing (Debian packages).
 # 2. Starts a private dockerd (vfs storage, no bridge, no iptables) whose data root is kept in
 #    $TLSBRIDGE_DOCKER_CACHE (default /var/tmp/tlsbridge-docker), so base images and the build
-#    cache survive between runs; the build cache is pruned above $TLSBRIDGE_DOCKER_CACHE_KEEP.
+#    cache survive between runs. vfs stores every layer in full (a builder-stage layer is about
+#    1.1 GB), so when the data root grows past $TLSBRIDGE_DOCKER_CACHE_GB (default 4) the
+#    build-stage snapshots are pruned; the base images and the cargo cache mounts (registry,
+#    target/) are kept, about 2 GB.
 #    The daemon is stopped when the script ends.
 # 3. Makes local stand-ins for the two base images, under exactly the names the Dockerfile uses
 #    (no image registry is needed), unless they exist already:
@@ -25,7 +28,7 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 
 cache="${TLSBRIDGE_DOCKER_CACHE:-/var/tmp/tlsbridge-docker}"
-cache_keep="${TLSBRIDGE_DOCKER_CACHE_KEEP:-12GB}"
+cache_gb="${TLSBRIDGE_DOCKER_CACHE_GB:-4}"
 # Bump when the way the stand-in base images are made changes: they are rebuilt.
 standin_recipe=1
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
@@ -111,6 +114,17 @@ stop_dockerd() {
   fi
   rm -f "$dockerd_dir/dockerd.pid"
 }
+# Unreferenced images, then the build cache above its bound. Docker's own accounting
+# (--keep-storage) does not see vfs snapshot sizes: measure the data root.
+prune_cache() {
+  local used_gb
+  $docker image prune -f >/dev/null 2>&1 || true
+  used_gb=$(du -s --block-size=1G "$cache/data-root" | cut -f1)
+  if [ "$used_gb" -gt "$cache_gb" ]; then
+    $docker builder prune -af --filter type=regular >/dev/null 2>&1 || true
+    say "data root ${used_gb} GB > ${cache_gb} GB: pruned the build-stage snapshots (base images and cargo cache mounts kept), now $(du -s --block-size=1G "$cache/data-root" | cut -f1) GB"
+  fi
+}
 cleanup() {
   local rc=$?
   for pid in "${bg_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -118,6 +132,7 @@ cleanup() {
     $docker ps -aq --filter label=tlsbridge.test=1 | xargs -r $docker rm -f -v >/dev/null 2>&1 || true
     $docker volume ls -q --filter label=tlsbridge.test=1 | xargs -r $docker volume rm -f >/dev/null 2>&1 || true
     $docker volume rm -f tlsbridge-ci_certs tlsbridge-ci_state >/dev/null 2>&1 || true
+    prune_cache
   fi
   stop_dockerd
   for dir in "$run"/rootfs-*; do
@@ -239,9 +254,6 @@ build "$image"
 build "$legacy_image" --build-arg FEATURES=legacy-ciphers
 mb() { echo "$(($($docker image inspect -f '{{.Size}}' "$1") / 1000000)) MB"; }
 say "image sizes: $image $(mb "$image"), $legacy_image $(mb "$legacy_image"); runtime base stand-in $(mb gcr.io/distroless/cc-debian12:nonroot)"
-# Unreferenced images from earlier runs, then the build cache above its bound.
-$docker image prune -f >/dev/null
-$docker builder prune -f --keep-storage "$cache_keep" >/dev/null
 if [ "${CONTAINER_TEST_STOP_AFTER:-}" = build ]; then exit 0; fi
 
 # --- 5. Running it ------------------------------------------------------------------------------
