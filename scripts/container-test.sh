@@ -136,9 +136,9 @@ cleanup() {
   fi
   stop_dockerd
   for dir in "$run"/rootfs-*; do
-    if mountpoint -q "$dir/proc" 2>/dev/null; then umount "$dir/proc" || true; fi
+    if mountpoint -q "$dir/proc" 2>/dev/null; then umount "$dir/proc" || umount -l "$dir/proc" || true; fi
   done
-  rm -rf "$run"
+  if ! grep -q " $run/" /proc/mounts; then rm -rf "$run"; fi
   exit "$rc"
 }
 trap cleanup EXIT
@@ -146,7 +146,9 @@ trap 'exit 130' INT TERM
 
 mkdir -p "$dockerd_dir/exec" "$cache/data-root"
 stop_dockerd # a daemon left over by an interrupted run
+# Its own containerd namespaces: it may share a system containerd with another dockerd.
 /usr/sbin/dockerd --iptables=false --ip6tables=false --bridge=none --storage-driver=vfs \
+  --containerd-namespace tlsbridge-ci --containerd-plugins-namespace tlsbridge-ci-plugins \
   --data-root "$cache/data-root" --exec-root "$dockerd_dir/exec" \
   --pidfile "$dockerd_dir/dockerd.pid" -H "$DOCKER_HOST" >"$dockerd_dir/dockerd.log" 2>&1 &
 dockerd_pid=$!
