@@ -31,7 +31,10 @@ cache="${TLSBRIDGE_DOCKER_CACHE:-/var/tmp/tlsbridge-docker}"
 cache_gb="${TLSBRIDGE_DOCKER_CACHE_GB:-4}"
 # Bump when the way the stand-in base images are made changes: they are rebuilt.
 standin_recipe=1
-mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# The Debian mirror for debootstrap: DEBIAN_MIRROR, else the first one this host's apt uses.
+mirror="${DEBIAN_MIRROR:-$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+  /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v '^[[:space:]]*#' |
+  grep -oE '(https?|file)://[^ ]+' | grep -v -- '-security' | head -n 1 || true)}"
 image=tlsbridge:ci
 legacy_image=tlsbridge:ci-legacy
 docker=/usr/bin/docker
@@ -172,7 +175,8 @@ make_standins() {
   t0=$(date +%s)
   root="$run/rootfs-builder"
   rt="$run/rootfs-runtime"
-  say "making the stand-in base images (rust $rust_version)"
+  [ -n "$mirror" ] || die "no Debian mirror in /etc/apt/sources.list*: set DEBIAN_MIRROR"
+  say "making the stand-in base images (rust $rust_version, Debian mirror $mirror)"
   debootstrap --variant=minbase bookworm "$root" "$mirror" >"$run/debootstrap.log" 2>&1 ||
     { tail -n 20 "$run/debootstrap.log"; die "debootstrap"; }
   mount -t proc proc "$root/proc"
