@@ -13,6 +13,7 @@
 #   scripts/callgrind.sh                  # N=100 sessions, M=32 MiB: about 2 minutes
 #   SESSIONS=20 MIB=8 scripts/callgrind.sh
 #   KEEP=1 scripts/callgrind.sh           # keep the callgrind.out files (callgrind_annotate)
+#   PROXY_BIN=path/to/tlsbridge scripts/callgrind.sh   # count another build of the proxy
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +24,12 @@ loadgen="$target/release/examples/loadgen"
 command -v valgrind >/dev/null || { echo "callgrind.sh: valgrind is not installed" >&2; exit 1; }
 
 echo "callgrind.sh: cargo build --release --bin tlsbridge --example loadgen" >&2
-cargo build --quiet --release --locked --bin tlsbridge --example loadgen
+if [ -n "${PROXY_BIN:-}" ]; then
+  cargo build --quiet --release --locked --example loadgen
+else
+  cargo build --quiet --release --locked --bin tlsbridge --example loadgen
+fi
+proxy=${PROXY_BIN:-$target/release/tlsbridge}
 
 out=$(mktemp -d "${TMPDIR:-/tmp}/tlsbridge-callgrind.XXXXXX")
 if [ -z "${KEEP:-}" ]; then
@@ -34,7 +40,7 @@ fi
 count() {
   local name=$1
   shift
-  "$loadgen" --proxy-bin "$target/release/tlsbridge" --scenarios count \
+  "$loadgen" --proxy-bin "$proxy" --scenarios count \
     --proxy-wrapper "valgrind --tool=callgrind --callgrind-out-file=$out/$name.out" \
     "$@" >/dev/null 2>"$out/$name.log" || {
     echo "callgrind.sh: run $name failed:" >&2
@@ -58,7 +64,7 @@ printf '| start-up, 1 session, shutdown (baseline) | %d |\n' "$base"
 printf '| per TLS 1.0 device session (N=%d) | %d |\n' "$sessions" "$per_session"
 printf '| per MiB relayed upstream -> device (M=%d) | %d |\n' "$mib" "$per_mib_down"
 printf '| per MiB relayed device -> upstream (M=%d) | %d |\n' "$mib" "$per_mib_up"
-printf '\n%s; tlsbridge %s\n' "$(valgrind --version)" \
+printf '\n%s; %s (%s)\n' "$(valgrind --version)" "$proxy" \
   "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if [ -n "${KEEP:-}" ]; then
   echo "callgrind.sh: kept $out (callgrind_annotate $out/sessions.out)" >&2

@@ -148,7 +148,30 @@ fn probe(config: &Config, target: &str, starttls: Option<Protocol>) -> anyhow::R
     Ok(())
 }
 
+/// glibc's malloc keeps what a burst of connections freed (its arenas only shrink from the top),
+/// so RSS would stay at the burst's peak. `malloc_trim` returns every free page of every arena;
+/// a thread calls it every 2 s (measured in docs/performance.md: RSS back from 410 MiB to about
+/// 2x the baseline 10 s after 8,000 connections close; mimalloc and jemalloc with purging kept
+/// more than 130 MiB). A trim finding nothing to return costs microseconds.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn give_back_freed_memory() {
+    let _ = std::thread::Builder::new()
+        .name("malloc-trim".into())
+        .spawn(|| loop {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            // SAFETY: malloc_trim takes no pointers; it only walks glibc's own free lists
+            // under the arenas' locks.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        });
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn give_back_freed_memory() {}
+
 fn run(config: Config, log_format: Option<LogFormat>) -> anyhow::Result<()> {
+    give_back_freed_memory();
     tlsbridge::logging::init(&config.log.level, log_format.unwrap_or(config.log.format))
         .map_err(tlsbridge::config::ConfigError::from_anyhow)?;
     let runtime = tokio::runtime::Runtime::new()?;

@@ -686,11 +686,13 @@ pub(crate) async fn run_compare(
             )),
         }
     }
-    kinds.push((
-        Kind::Tlsbridge("ecdsa-p256"),
-        "tlsbridge (ECDSA P-256, `device_tls.key_type = \"ecdsa-p256\"`)".to_string(),
-        "tlsbridge-ecdsa",
-    ));
+    if args.contenders.iter().any(|c| c == "tlsbridge-ecdsa") {
+        kinds.push((
+            Kind::Tlsbridge("ecdsa-p256"),
+            "tlsbridge (ECDSA P-256, `device_tls.key_type = \"ecdsa-p256\"`)".to_string(),
+            "tlsbridge-ecdsa",
+        ));
+    }
     for (kind, name, tag) in kinds {
         match measure(kind, name.clone(), args, proxy_bin, &files, up, stats, tag).await {
             Ok(row) => {

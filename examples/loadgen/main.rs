@@ -84,11 +84,12 @@ struct Args {
     /// Scenarios to run, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "compare")]
     scenarios: Vec<Scenario>,
-    /// Other proxies to compare against when installed (compare scenario), comma-separated.
+    /// Other proxies to compare against when installed, and `tlsbridge-ecdsa` (tlsbridge with an
+    /// ECDSA certificate), comma-separated (compare scenario; `none`: tlsbridge alone).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "nginx,haproxy,stunnel",
+        default_value = "nginx,haproxy,stunnel,tlsbridge-ecdsa",
         value_name = "NAME,.."
     )]
     contenders: Vec<String>,
@@ -108,6 +109,10 @@ struct Args {
     /// MiB relayed over one extra connection after the sessions (count scenario).
     #[arg(long, default_value_t = 0, value_name = "MIB")]
     count_mib: u64,
+    /// Relayed connections held open together for 2 s at the end (count scenario), for a heap
+    /// profile of idle connections (`valgrind --tool=massif`).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    count_idle: usize,
     /// Direction of those MiB: up (device to upstream) or down.
     #[arg(long, default_value = "down", value_name = "up|down")]
     count_direction: String,
@@ -341,8 +346,10 @@ async fn run(args: Args) -> Result<bool> {
         let addr = start_upstream(service, acceptor.clone(), stats.clone()).await?;
         upstreams.push((route, service, addr));
     }
+    let counting = args.scenarios.contains(&Scenario::Count);
     let settings = ProxySettings {
-        log_level: "warn",
+        // Counting instructions: the default level, so the downgrade log is part of the count.
+        log_level: if counting { "info" } else { "warn" },
         key_type: "rsa2048",
         max_connections: idle_steps.last().copied().unwrap_or(0) + args.concurrency + 1024,
     };
@@ -1044,7 +1051,7 @@ async fn count_scenario(
     }
     let launch = Launch {
         pin_cpu: None,
-        rust_log: Some("tlsbridge::server=info,warn"),
+        rust_log: None,
         wrapper,
     };
     let mut proxy = ProxyProcess::start_with(bin, config, log_path, routes, launch).await?;
@@ -1065,6 +1072,16 @@ async fn count_scenario(
         if moved != bytes {
             bail!("count: relayed {moved} bytes instead of {bytes}");
         }
+    }
+    if args.count_idle > 0 {
+        let mut open = Vec::new();
+        let connector = DeviceTls::Tls10.connector()?;
+        let (errors, first) = open_many(&connector, echo, args.count_idle, 8, &mut open).await;
+        if let Some(err) = first {
+            bail!("count: {errors} idle connections failed, first: {err}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        close_many(open, 8).await;
     }
     let pid = proxy.pid().to_string();
     let status = Command::new("kill").args(["-TERM", &pid]).status()?;
