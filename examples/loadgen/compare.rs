@@ -419,6 +419,7 @@ fn tree_cpu_seconds(root: u32) -> f64 {
 const BULK_CONNS: usize = 4;
 const OPEN_CONCURRENCY: usize = 32;
 
+#[allow(clippy::too_many_arguments)]
 async fn measure(
     kind: Kind,
     name: String,
