@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Benchmark: builds the release proxy and the load generator (examples/loadgen.rs), then measures
-# handshakes/s and set-up latency, the SMTP leg overlap, throughput and memory per idle
-# connection, all on 127.0.0.1 against a local TLS 1.2 upstream, and prints a Markdown report.
-# A copy goes to $TARGET/bench/latest.md (and latest.json).
+# Benchmark: builds the release proxy and the load generator (examples/loadgen/), then runs the
+# same load against tlsbridge and, when installed, nginx (stream module), HAProxy and stunnel,
+# each configured for the same job (TLS 1.0 devices in, verified TLS 1.2 out) and pinned to CPU 0,
+# with the load generator and its rustls upstreams on CPU 1. It measures CPU ms per device
+# handshake, MiB/s relayed over 4 connections, KiB RSS per idle relayed connection (2,000 open)
+# and RSS before / at / 10 s after an 8,000-connection burst, and prints one Markdown table.
+# A copy goes to $TARGET/bench/latest.md (and latest.json). All on 127.0.0.1.
 #
-#   scripts/bench.sh                      # the full run: about 2-3 minutes on 2 cores
-#   scripts/bench.sh --duration 3 --idle 500 --scenarios handshake,idle
+#   scripts/bench.sh                      # the comparison: about 5 minutes on 2 cores
+#   scripts/bench.sh --contenders nginx --burst 0 --duration 3      # a quicker look
+#   scripts/bench.sh --scenarios handshake,smtp,throughput,idle     # tlsbridge alone, in detail
 #   scripts/bench.sh --help               # the load generator's options
 #
 # Nothing listens on or connects to anything but loopback. The proxy runs as a child process

@@ -9,11 +9,11 @@ use openssl::hash::MessageDigest;
 use openssl::x509::X509;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SerialNumber, PKCS_RSA_SHA256,
+    Issuer, KeyPair, KeyUsagePurpose, SerialNumber, PKCS_ECDSA_P256_SHA256, PKCS_RSA_SHA256,
 };
 use time::{Duration, OffsetDateTime};
 
-use crate::config::DeviceTlsConfig;
+use crate::config::{DeviceTlsConfig, KeyType};
 
 /// Where the local CA lives: beside the leaf certificate.
 pub fn ca_paths(device_tls: &DeviceTlsConfig) -> (PathBuf, PathBuf) {
@@ -51,12 +51,12 @@ pub fn ensure(device_tls: &DeviceTlsConfig) -> Result<Provision> {
         let key = read(&ca_key_path)?;
         (cert, key, false)
     } else {
-        let (cert, key) = new_ca_pem()?;
+        let (cert, key) = new_ca_pem(device_tls.key_type)?;
         crate::fsutil::write_atomic(&ca_key_path, key.as_bytes(), 0o600)?;
         crate::fsutil::write_atomic(&ca_cert_path, cert.as_bytes(), 0o644)?;
         (cert, key, true)
     };
-    let (leaf, leaf_key) = new_leaf_pem(&device_tls.names, &ca_cert_pem, &ca_key_pem)
+    let (leaf, leaf_key) = new_leaf_pem(device_tls, &ca_cert_pem, &ca_key_pem)
         .with_context(|| format!("cannot sign a leaf with the CA {}", ca_cert_path.display()))?;
     crate::fsutil::write_atomic(key, leaf_key.as_bytes(), 0o600)?;
     // The chain file carries the CA too, so devices that want the full chain get it.
@@ -77,6 +77,13 @@ fn rsa_key() -> Result<KeyPair> {
     Ok(KeyPair::from_pem_and_sign_algo(&pem, &PKCS_RSA_SHA256)?)
 }
 
+fn new_key(key_type: KeyType) -> Result<KeyPair> {
+    match key_type {
+        KeyType::Rsa2048 => rsa_key(),
+        KeyType::EcdsaP256 => Ok(KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?),
+    }
+}
+
 fn base_params(common_name: &str, days: i64) -> Result<CertificateParams> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
@@ -93,28 +100,37 @@ fn base_params(common_name: &str, days: i64) -> Result<CertificateParams> {
     Ok(params)
 }
 
-fn new_ca_pem() -> Result<(String, String)> {
+fn new_ca_pem(key_type: KeyType) -> Result<(String, String)> {
     let mut params = base_params("tlsbridge local CA", 3650)?;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let key = rsa_key()?;
+    let key = new_key(key_type)?;
     let cert = params.self_signed(&key)?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-fn new_leaf_pem(names: &[String], ca_cert: &str, ca_key: &str) -> Result<(String, String)> {
+fn new_leaf_pem(
+    device_tls: &DeviceTlsConfig,
+    ca_cert: &str,
+    ca_key: &str,
+) -> Result<(String, String)> {
+    let names = &device_tls.names;
     let first = names.first().map(String::as_str).unwrap_or("localhost");
     let mut params = base_params(first, 825)?;
     params.subject_alt_names = CertificateParams::new(names.to_vec())?.subject_alt_names;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
+    params.key_usages = match device_tls.key_type {
+        // RSA key exchange (TLS_RSA_*) encrypts the premaster secret to the key.
+        KeyType::Rsa2048 => vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ],
+        KeyType::EcdsaP256 => vec![KeyUsagePurpose::DigitalSignature],
+    };
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
     let ca_key = KeyPair::from_pem(ca_key)?;
     let issuer = Issuer::from_ca_cert_pem(ca_cert, ca_key)?;
-    let key = rsa_key()?;
+    let key = new_key(device_tls.key_type)?;
     let cert = params.signed_by(&key, &issuer)?;
     Ok((cert.pem(), key.serialize_pem()))
 }
@@ -248,6 +264,30 @@ mod tests {
             Provision::Generated { new_ca: false }
         );
         assert_eq!(fs::read(ca_paths(&tls).0).unwrap(), ca_before);
+    }
+
+    #[test]
+    fn ecdsa_p256_leaf_and_ca_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = DeviceTlsConfig {
+            key_type: KeyType::EcdsaP256,
+            ..device_tls(dir.path())
+        };
+        ensure(&tls).unwrap();
+        let chain = X509::stack_from_pem(&fs::read(&tls.cert).unwrap()).unwrap();
+        let ca = X509::from_pem(&fs::read(ca_paths(&tls).0).unwrap()).unwrap();
+        assert!(chain[0].verify(&ca.public_key().unwrap()).unwrap());
+        for cert in [&chain[0], &ca] {
+            assert_eq!(cert.public_key().unwrap().id(), openssl::pkey::Id::EC);
+            assert_eq!(
+                cert.signature_algorithm().object().nid(),
+                openssl::nid::Nid::ECDSA_WITH_SHA256
+            );
+        }
+        let key = openssl::pkey::PKey::private_key_from_pem(&fs::read(&tls.key).unwrap());
+        assert_eq!(key.unwrap().id(), openssl::pkey::Id::EC);
+        let text = String::from_utf8(chain[0].to_text().unwrap()).unwrap();
+        assert!(!text.contains("Key Encipherment"), "{text}");
     }
 
     #[test]

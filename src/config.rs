@@ -110,6 +110,19 @@ pub struct DeviceTlsConfig {
     /// Deadline for the whole device side: dialog before STARTTLS plus the TLS handshake.
     #[serde(deserialize_with = "duration")]
     pub handshake_timeout: Duration,
+    /// Key of a generated leaf (and of a local CA generated with it).
+    pub key_type: KeyType,
+}
+
+/// The key algorithm of generated device certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum KeyType {
+    /// RSA-2048 with SHA-256: every device stack can use it.
+    #[serde(rename = "rsa2048")]
+    Rsa2048,
+    /// ECDSA P-256 with SHA-256: far cheaper handshakes, for devices that offer ECDHE-ECDSA.
+    #[serde(rename = "ecdsa-p256")]
+    EcdsaP256,
 }
 
 #[derive(Debug, Clone, Deserialize)]

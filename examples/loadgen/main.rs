@@ -10,10 +10,13 @@
 //! out (a guard with `Drop`, Ctrl-C and SIGTERM included). Results go to stdout as Markdown,
 //! progress to stderr.
 //!
+//! `--scenarios compare` (the default of scripts/bench.sh) runs one load against tlsbridge and,
+//! when installed, nginx (stream), HAProxy and stunnel, each pinned to CPU 0: see compare.rs.
+//!
 //! ```text
 //! cargo build --release --bin tlsbridge --example loadgen
 //! cargo run --release --example loadgen -- --help
-//! scripts/bench.sh       # builds, raises `ulimit -n`, runs every scenario, prints Markdown
+//! scripts/bench.sh       # builds, raises `ulimit -n`, pins, runs the comparison, prints Markdown
 //! ```
 
 use std::collections::{HashMap, VecDeque};
@@ -42,6 +45,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_openssl::SslStream;
 use tokio_rustls::TlsAcceptor;
+
+mod compare;
 
 /// Any single wait on a peer (connect, handshake, one reply, a close).
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
@@ -77,13 +82,43 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     proxy_bin: Option<PathBuf>,
     /// Scenarios to run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "compare")]
+    scenarios: Vec<Scenario>,
+    /// Other proxies to compare against when installed, and `tlsbridge-ecdsa` (tlsbridge with an
+    /// ECDSA certificate), comma-separated (compare scenario; `none`: tlsbridge alone).
     #[arg(
         long,
-        value_enum,
         value_delimiter = ',',
-        default_value = "handshake,smtp,throughput,idle"
+        default_value = "nginx,haproxy,stunnel,tlsbridge-ecdsa",
+        value_name = "NAME,.."
     )]
-    scenarios: Vec<Scenario>,
+    contenders: Vec<String>,
+    /// Idle relayed connections for the memory-per-connection figure (compare scenario).
+    #[arg(long, default_value_t = 2000, value_name = "N")]
+    compare_idle: usize,
+    /// Connections open at once in the burst (compare scenario; 0 skips it).
+    #[arg(long, default_value_t = 8000, value_name = "N")]
+    burst: usize,
+    /// Prefix for the proxy's command line, split at spaces (scripts/callgrind.sh passes
+    /// `valgrind --tool=callgrind ...`).
+    #[arg(long, value_name = "CMD")]
+    proxy_wrapper: Option<String>,
+    /// Echo sessions, one at a time, after one warm-up session (count scenario).
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    count_handshakes: usize,
+    /// MiB relayed over one extra connection after the sessions (count scenario).
+    #[arg(long, default_value_t = 0, value_name = "MIB")]
+    count_mib: u64,
+    /// Relayed connections held open together for 2 s at the end (count scenario), for a heap
+    /// profile of idle connections (`valgrind --tool=massif`).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    count_idle: usize,
+    /// Direction of those MiB: up (device to upstream) or down.
+    #[arg(long, default_value = "down", value_name = "up|down")]
+    count_direction: String,
+    /// Seconds after the burst closes before RSS is read again.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    burst_settle: u64,
     /// Seconds each loaded handshake scenario runs (and the cap of each one-at-a-time run).
     #[arg(long, default_value_t = 8.0, value_name = "SECS")]
     duration: f64,
@@ -156,6 +191,12 @@ enum Scenario {
     Throughput,
     /// Memory per idle relayed connection (on a fresh proxy process).
     Idle,
+    /// tlsbridge beside nginx, HAProxy and stunnel: CPU per handshake, throughput, idle memory,
+    /// RSS after a burst.
+    Compare,
+    /// A fixed amount of work for an instruction count (scripts/callgrind.sh): one warm-up
+    /// session, `--count-handshakes` sessions, `--count-mib` over one connection, then SIGTERM.
+    Count,
 }
 
 /// The device's TLS.
@@ -167,6 +208,8 @@ enum DeviceTls {
     Tls12,
     /// TLS 1.2, ECDHE-ECDSA-AES128-GCM-SHA256: for the direct baseline against the upstream.
     Tls12Ecdsa,
+    /// TLS 1.0, ECDHE-ECDSA-AES128-SHA: an old device with an ECDSA-capable stack.
+    Tls10Ecdsa,
 }
 
 impl DeviceTls {
@@ -175,12 +218,13 @@ impl DeviceTls {
             DeviceTls::Tls10 => "TLS 1.0 ECDHE-RSA-AES128-SHA",
             DeviceTls::Tls12 => "TLS 1.2 ECDHE-RSA-AES128-GCM-SHA256",
             DeviceTls::Tls12Ecdsa => "TLS 1.2 ECDHE-ECDSA-AES128-GCM-SHA256",
+            DeviceTls::Tls10Ecdsa => "TLS 1.0 ECDHE-ECDSA-AES128-SHA",
         }
     }
 
     fn version(self) -> SslVersion {
         match self {
-            DeviceTls::Tls10 => SslVersion::TLS1,
+            DeviceTls::Tls10 | DeviceTls::Tls10Ecdsa => SslVersion::TLS1,
             DeviceTls::Tls12 | DeviceTls::Tls12Ecdsa => SslVersion::TLS1_2,
         }
     }
@@ -190,6 +234,7 @@ impl DeviceTls {
             DeviceTls::Tls10 => "ECDHE-RSA-AES128-SHA:@SECLEVEL=0",
             DeviceTls::Tls12 => "ECDHE-RSA-AES128-GCM-SHA256:@SECLEVEL=0",
             DeviceTls::Tls12Ecdsa => "ECDHE-ECDSA-AES128-GCM-SHA256",
+            DeviceTls::Tls10Ecdsa => "ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0",
         }
     }
 
@@ -263,6 +308,7 @@ struct Report {
     idle_after_close_kib: Option<u64>,
     idle_after_close_fds: Option<usize>,
     proxy_threads: Option<u64>,
+    compare: Vec<compare::CompareRow>,
     notes: Vec<String>,
     errors: usize,
 }
@@ -300,11 +346,17 @@ async fn run(args: Args) -> Result<bool> {
         let addr = start_upstream(service, acceptor.clone(), stats.clone()).await?;
         upstreams.push((route, service, addr));
     }
-    let max_conns = idle_steps.last().copied().unwrap_or(0) + args.concurrency + 1024;
+    let counting = args.scenarios.contains(&Scenario::Count);
+    let settings = ProxySettings {
+        // Counting instructions: the default level, so the downgrade log is part of the count.
+        log_level: if counting { "info" } else { "warn" },
+        key_type: "rsa2048",
+        max_connections: idle_steps.last().copied().unwrap_or(0) + args.concurrency + 1024,
+    };
     let config_path = dir.path().join("tlsbridge.toml");
     std::fs::write(
         &config_path,
-        proxy_config(dir.path(), &ca_path, &upstream_host, &upstreams, max_conns),
+        proxy_config(dir.path(), &ca_path, &upstream_host, &upstreams, &settings),
     )
     .context("write the proxy configuration")?;
     // The direct baseline gets an upstream of its own: its full handshakes would otherwise
@@ -337,6 +389,43 @@ async fn run(args: Args) -> Result<bool> {
         let proxy = ProxyProcess::start(&proxy_bin, &config_path, &log_path, &routes).await?;
         idle_scenario(&args, &proxy, &idle_steps, &mut report).await?;
         proxy.finish(&mut report.notes);
+    }
+    if wants(Scenario::Count) {
+        count_scenario(&args, &proxy_bin, &config_path, &log_path, &routes).await?;
+        return Ok(true);
+    }
+    if wants(Scenario::Compare) {
+        let addr = |route| {
+            upstreams
+                .iter()
+                .find(|(r, _, _)| *r == route)
+                .map(|(_, _, a)| *a)
+                .ok_or_else(|| anyhow!("no upstream for {route}"))
+        };
+        let up = compare::Upstreams {
+            echo: addr(ROUTE_ECHO)?,
+            sink: addr(ROUTE_SINK)?,
+            source: addr(ROUTE_SOURCE)?,
+        };
+        let fds_needed = 2 * args.burst + 512;
+        let limit = open_files_limit().unwrap_or(1024);
+        if fds_needed > limit {
+            bail!(
+                "--burst {} needs about {fds_needed} open files here, the limit is {limit} \
+                 (scripts/bench.sh raises it; or lower --burst)",
+                args.burst
+            );
+        }
+        compare::run_compare(
+            &args,
+            &proxy_bin,
+            dir.path(),
+            &ca_path,
+            &up,
+            &stats,
+            &mut report,
+        )
+        .await?;
     }
 
     let (full, resumed) = stats.handshakes();
@@ -621,10 +710,32 @@ async fn serve(
     }
 }
 
+/// Upstream connections whose proxy side ended with a bare FIN (no close_notify). nginx does
+/// that, so the fake upstreams take it as the end of the data and count it here.
+static BARE_FINS: AtomicU64 = AtomicU64::new(0);
+
+/// A read where a bare FIN counts as the end (and in `BARE_FINS`).
+async fn read_end<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut [u8],
+    limit: Duration,
+    what: &str,
+) -> Result<usize> {
+    match tokio::time::timeout(limit, io.read(buf)).await {
+        Err(_) => bail!("{what}: timed out after {limit:?}"),
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(err)) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+            BARE_FINS.fetch_add(1, Ordering::Relaxed);
+            Ok(0)
+        }
+        Ok(Err(err)) => Err(err).context(what.to_string()),
+    }
+}
+
 async fn echo<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> Result<()> {
     let mut buf = vec![0u8; CHUNK];
     loop {
-        let n = within(IDLE_READ_TIMEOUT, "echo read", io.read(&mut buf)).await?;
+        let n = read_end(io, &mut buf, IDLE_READ_TIMEOUT, "echo read").await?;
         if n == 0 {
             break;
         }
@@ -638,7 +749,7 @@ async fn sink<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
-        let n = within(IO_TIMEOUT, "sink read", io.read(&mut buf)).await?;
+        let n = read_end(io, &mut buf, IO_TIMEOUT, "sink read").await?;
         if n == 0 {
             break;
         }
@@ -666,7 +777,11 @@ async fn source<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> Result<()> {
     }
     within(IO_TIMEOUT, "source flush", io.flush()).await?;
     within(IO_TIMEOUT, "source close_notify", io.shutdown()).await?;
-    read_to_close(io, "source: the device's close").await
+    let mut rest = [0u8; 512];
+    match read_end(io, &mut rest, IO_TIMEOUT, "source: the device's close").await? {
+        0 => Ok(()),
+        n => bail!("source: {n} unexpected bytes after the request"),
+    }
 }
 
 /// The pre-TLS SMTP dialog; returns the connection once STARTTLS was answered.
@@ -802,19 +917,32 @@ where
 // ---------------------------------------------------------------------------------------------
 // The proxy as a child process.
 
-/// The proxy's TOML: every route on 127.0.0.1:0, admin off, log level warn, limits raised.
+/// What differs between the proxy configurations of the scenarios.
+struct ProxySettings {
+    /// `warn` for the detailed scenarios; `info` (the default: the downgrade log on) to compare.
+    log_level: &'static str,
+    /// `device_tls.key_type` of the generated certificate.
+    key_type: &'static str,
+    max_connections: usize,
+}
+
+/// The proxy's TOML: every route on 127.0.0.1:0, admin off, JSON log, limits raised.
 fn proxy_config(
     dir: &Path,
     ca: &Path,
     host: &str,
     upstreams: &[(&str, Service, SocketAddr)],
-    max_connections: usize,
+    settings: &ProxySettings,
 ) -> String {
     let q = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"));
     let p = |p: &Path| q(&p.display().to_string());
     let mut toml = String::new();
     let _ = writeln!(toml, "state_dir = {}", p(&dir.join("state")));
-    let _ = writeln!(toml, "\n[log]\nlevel = \"warn\"\nformat = \"json\"");
+    let _ = writeln!(
+        toml,
+        "\n[log]\nlevel = \"{}\"\nformat = \"json\"",
+        settings.log_level
+    );
     let _ = writeln!(toml, "\n[admin]\nlisten = \"\"");
     let _ = writeln!(toml, "\n[device_tls]");
     let _ = writeln!(toml, "cert = {}", p(&dir.join("certs/tlsbridge.crt")));
@@ -823,10 +951,11 @@ fn proxy_config(
     let _ = writeln!(toml, "min_version = \"TLSv1\"");
     let _ = writeln!(toml, "ciphers = \"DEFAULT:@SECLEVEL=0\"");
     let _ = writeln!(toml, "handshake_timeout = \"15s\"");
+    let _ = writeln!(toml, "key_type = \"{}\"", settings.key_type);
     let _ = writeln!(toml, "\n[upstream_tls]\nextra_roots = [{}]", p(ca));
     let _ = writeln!(toml, "connect_timeout = \"15s\"");
     let _ = writeln!(toml, "\n[limits]");
-    let _ = writeln!(toml, "max_connections = {max_connections}");
+    let _ = writeln!(toml, "max_connections = {}", settings.max_connections);
     let _ = writeln!(toml, "max_connections_per_ip = 0");
     let _ = writeln!(toml, "idle_timeout = \"10m\"\ndrain_timeout = \"1s\"");
     for (name, service, addr) in upstreams {
@@ -892,6 +1021,101 @@ impl Drop for ProxyProcess {
     }
 }
 
+/// A fixed workload for an instruction count, then a clean stop (SIGTERM) so a wrapper like
+/// callgrind writes its results.
+async fn count_scenario(
+    args: &Args,
+    bin: &Path,
+    config: &Path,
+    log_path: &Path,
+    routes: &[&str],
+) -> Result<()> {
+    let wrapper: Vec<String> = args
+        .proxy_wrapper
+        .as_deref()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    // The RSA keys first, outside any wrapper: key generation is not the work being counted.
+    let init = Command::new(bin)
+        .args(["certs", "init", "--config"])
+        .arg(config)
+        .output()
+        .context("tlsbridge certs init")?;
+    if !init.status.success() {
+        bail!(
+            "tlsbridge certs init: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+    }
+    let launch = Launch {
+        pin_cpu: None,
+        rust_log: None,
+        wrapper,
+    };
+    let mut proxy = ProxyProcess::start_with(bin, config, log_path, routes, launch).await?;
+    let connector = DeviceTls::Tls10.connector()?;
+    let echo = proxy.addr(ROUTE_ECHO)?;
+    for _ in 0..=args.count_handshakes {
+        echo_session(connector.clone(), echo)
+            .await
+            .context("count: echo session")?;
+    }
+    if args.count_mib > 0 {
+        let bytes = args.count_mib * 1024 * 1024;
+        let cap = Duration::from_secs(300);
+        let moved = match args.count_direction.as_str() {
+            "up" => bulk_up(connector, proxy.addr(ROUTE_SINK)?, bytes, cap).await?,
+            _ => bulk_down(connector, proxy.addr(ROUTE_SOURCE)?, bytes, cap).await?,
+        };
+        if moved != bytes {
+            bail!("count: relayed {moved} bytes instead of {bytes}");
+        }
+    }
+    if args.count_idle > 0 {
+        let mut open = Vec::new();
+        let connector = DeviceTls::Tls10.connector()?;
+        let (errors, first) = open_many(&connector, echo, args.count_idle, 8, &mut open).await;
+        if let Some(err) = first {
+            bail!("count: {errors} idle connections failed, first: {err}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        close_many(open, 8).await;
+    }
+    let pid = proxy.pid().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status()?;
+    if !status.success() {
+        bail!("kill -TERM {pid} failed");
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = proxy.child.try_wait()? {
+            progress(&format!(
+                "count: {} sessions + {} MiB {}; the proxy exited with {status}",
+                args.count_handshakes + 1,
+                args.count_mib,
+                args.count_direction
+            ));
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("the proxy did not exit within 120 s of SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How the proxy process is started.
+struct Launch {
+    /// Programs in front of the proxy (a profiler).
+    wrapper: Vec<String>,
+    /// `taskset -c CPU` in front of the proxy.
+    pin_cpu: Option<&'static str>,
+    /// `RUST_LOG` for the proxy; `None` leaves `log.level` in charge.
+    rust_log: Option<&'static str>,
+}
+
 impl ProxyProcess {
     /// Starts the proxy and waits for the `listening` line of every route. The log level is
     /// warn, except for the `listening` lines (`RUST_LOG=tlsbridge::server=info,warn`).
@@ -901,12 +1125,39 @@ impl ProxyProcess {
         log_path: &Path,
         routes: &[&str],
     ) -> Result<ProxyProcess> {
-        let child = Command::new(bin)
+        let launch = Launch {
+            pin_cpu: None,
+            rust_log: Some("tlsbridge::server=info,warn"),
+            wrapper: Vec::new(),
+        };
+        Self::start_with(bin, config, log_path, routes, launch).await
+    }
+
+    async fn start_with(
+        bin: &Path,
+        config: &Path,
+        log_path: &Path,
+        routes: &[&str],
+        launch: Launch,
+    ) -> Result<ProxyProcess> {
+        let mut line: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(cpu) = launch.pin_cpu {
+            line.extend(["taskset".into(), "-c".into(), cpu.into()]);
+        }
+        line.extend(launch.wrapper.iter().map(Into::into));
+        line.push(bin.into());
+        let mut command = Command::new(&line[0]);
+        command.args(&line[1..]);
+        command
             .arg("run")
             .arg("--config")
             .arg(config)
-            .args(["--log-format", "json"])
-            .env("RUST_LOG", "tlsbridge::server=info,warn")
+            .args(["--log-format", "json"]);
+        match launch.rust_log {
+            Some(filter) => command.env("RUST_LOG", filter),
+            None => command.env_remove("RUST_LOG"),
+        };
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1768,8 +2019,9 @@ async fn idle_scenario(
 // Output.
 
 fn machine() -> (usize, String, String) {
-    let nproc = std::thread::available_parallelism()
-        .map(|n| n.get())
+    // Counted from /proc/cpuinfo: the compare scenario pins the loadgen to one CPU.
+    let nproc = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|info| info.lines().filter(|l| l.starts_with("processor")).count())
         .unwrap_or(0);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1810,17 +2062,8 @@ fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
 
-fn render(args: &Args, r: &Report) -> String {
-    let (nproc, cpu, kernel) = machine();
-    let mut md = String::new();
-    let _ = writeln!(md, "## tlsbridge benchmark\n");
-    let _ = writeln!(
-        md,
-        "- Machine: {nproc} CPUs (nproc), {cpu}, Linux {kernel}, {}",
-        openssl::version::version()
-    );
-    let _ = writeln!(md, "- Proxy: {}", r.proxy_version);
-    let _ = writeln!(md, "- Command: `{}`", command_line(args));
+/// What the detailed scenarios measure and how.
+fn detail_intro(md: &mut String) {
     let _ = writeln!(
         md,
         "- Everything on 127.0.0.1: loadgen devices (OpenSSL clients) -> `tlsbridge run` (child \
@@ -1834,6 +2077,24 @@ fn render(args: &Args, r: &Report) -> String {
          connect through banner, EHLO, STARTTLS, handshake, to `221` for QUIT). Each connection \
          then closes cleanly (close_notify both ways)."
     );
+}
+
+fn render(args: &Args, r: &Report) -> String {
+    let (nproc, cpu, kernel) = machine();
+    let mut md = String::new();
+    let _ = writeln!(md, "## tlsbridge benchmark\n");
+    let _ = writeln!(
+        md,
+        "- Machine: {nproc} CPUs (nproc), {cpu}, Linux {kernel}, {}",
+        openssl::version::version()
+    );
+    let _ = writeln!(md, "- Proxy: {}", r.proxy_version);
+    let _ = writeln!(md, "- Command: `{}`", command_line(args));
+    let detailed =
+        !(r.handshakes.is_empty() && r.smtp.is_empty() && r.bulk.is_empty() && r.idle.is_empty());
+    if detailed {
+        detail_intro(&mut md);
+    }
 
     if !r.handshakes.is_empty() {
         let _ = writeln!(md, "\n### Connection set-up (handshakes/s)\n");
@@ -2017,6 +2278,10 @@ fn render(args: &Args, r: &Report) -> String {
         }
     }
 
+    if !r.compare.is_empty() {
+        compare::render(&mut md, &r.compare, args);
+    }
+
     let mut notes = r.notes.clone();
     if let Some(threads) = r.proxy_threads {
         notes.push(format!(
@@ -2112,6 +2377,7 @@ fn to_json(args: &Args, r: &Report) -> Value {
         "idle_rss_after_close_kib": r.idle_after_close_kib,
         "idle_fds_after_close": r.idle_after_close_fds,
         "proxy_threads": r.proxy_threads,
+        "compare": compare::to_json(&r.compare),
         "notes": r.notes,
         "errors": r.errors,
     })
