@@ -57,8 +57,8 @@ pub async fn serve(
             );
             continue;
         }
-        // Behind a balancer the socket's peer is the balancer, shared by every device: the
-        // rate applies to directly connected devices only.
+        // Behind a balancer the socket's peer is the balancer, shared by every device: there
+        // the rate applies to the address in the PROXY header (`session::run`).
         if !route.route.proxy_protocol && !shared.admission.rate_allows(peer.ip()) {
             shared.sinks.refused(
                 &route.route,

@@ -42,6 +42,17 @@ pub async fn run(
         return;
     };
     Span::current().record("peer", field::display(peer));
+    if route.route.proxy_protocol && !shared.admission.rate_allows(peer.ip()) {
+        let why = "limits.connect_rate_per_ip reached (the address in the PROXY header)";
+        shared.sinks.refused(
+            &route.route,
+            &route.metrics,
+            peer,
+            Refusal::RateLimited,
+            why,
+        );
+        return;
+    }
     let Some(_place) = shared.admission.per_ip(peer.ip()) else {
         refuse_busy(&route, &shared, tcp, peer);
         return;

@@ -342,6 +342,56 @@ async fn a_connect_storm_from_one_address_is_rate_limited_and_counted() {
     proxy.stop().await.expect("stop");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_balancer_the_rate_limit_counts_the_address_in_the_proxy_header() {
+    init_logging();
+    let pki = Pki::new().expect("test PKI");
+    let upstream = echo_upstream(&pki).await;
+    let proxy = Running::start(
+        &pki,
+        "[admin]\nlisten = \"\"\n[limits]\nconnect_rate_per_ip = 2\n",
+        &format!(
+            "listen = \"127.0.0.1:0\"\nprotocol = \"tcp\"\ndevice_tls = \"plain\"\n\
+             upstream = {:?}\nupstream_tls = \"tls\"\nproxy_protocol = true\n\
+             proxy_from = [\"127.0.0.0/8\"]\n",
+            upstream.host_port()
+        ),
+    )
+    .await
+    .expect("start the proxy");
+    // Every connection comes from the balancer (127.0.0.1); the header names the device.
+    let from = |device: &str| {
+        let route = proxy.route;
+        let header = format!("PROXY TCP4 {device} 127.0.0.1 5000 {}\r\n", route.port());
+        async move {
+            let mut tcp = connect(route).await?;
+            tcp.write_all(header.as_bytes()).await?;
+            ping(tcp).await
+        }
+    };
+    let mut served = 0;
+    for _ in 0..20 {
+        if from("10.1.2.3").await.is_ok() {
+            served += 1;
+        }
+    }
+    assert!((4..20).contains(&served), "{served} of 20 served");
+    from("10.9.9.9")
+        .await
+        .expect("another device behind the same balancer is not limited");
+    let metrics = proxy.shared.sinks.metrics.render(None);
+    let refused = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("tlsbridge_refused_connections_total")
+                && l.contains("reason=\"rate_limited\"")
+        })
+        .unwrap_or_else(|| panic!("no rate_limited series:\n{metrics}"));
+    let count: f64 = refused.rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(count as usize, 20 - served, "{refused}");
+    proxy.stop().await.expect("stop");
+}
+
 /// IPv6 addresses added to `lo` for a test, removed when dropped.
 struct LoopbackAddrs(Vec<Ipv6Addr>);
 
