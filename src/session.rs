@@ -114,6 +114,21 @@ async fn drive(
     deadline: Instant,
     record: &mut SessionRecord<'_>,
 ) -> Result<(u64, u64), Failure> {
+    // Boxed: the set-up's states (dialog, handshakes, the upstream wait) are freed once it is
+    // done, so the task of a long idle session holds only what the relay needs.
+    let (device, leg) = Box::pin(set_up(route, shared, tcp, deadline, record)).await?;
+    let dialect = Dialect::of(route.route.protocol);
+    relay_session(route, shared, dialect, device, leg, record).await
+}
+
+/// Both legs up: the device phase and the upstream leg, started with the device's first byte.
+async fn set_up(
+    route: &RouteCtx,
+    shared: &Shared,
+    tcp: TcpStream,
+    deadline: Instant,
+    record: &mut SessionRecord<'_>,
+) -> Result<(DeviceStream, UpstreamLeg), Failure> {
     let config = &route.route;
     let dialect = Dialect::of(config.protocol);
     let target = match &config.upstream {
@@ -166,7 +181,7 @@ async fn drive(
         None => upstream_for(route, shared, &mut upstream, &mut device, dialect).await?,
     };
     record.upstream_established(&leg.tls);
-    relay_session(route, shared, dialect, device.stream, leg, record).await
+    Ok((device.stream, leg))
 }
 
 /// Waits for the upstream leg of a device on implicit TLS or plaintext (aiming it at the SNI
@@ -229,7 +244,8 @@ async fn relay_session(
         }
     }
     if let (AuthMode::Xoauth2, Some(dialect)) = (route.route.auth, dialect) {
-        login::run(route, shared, dialect, &mut device, &mut leg, record).await?;
+        // Boxed like the set-up: its token and dialog states are gone once logged in.
+        Box::pin(login::run(route, shared, dialect, &mut device, &mut leg, record)).await?;
     }
     let mut goodbye = Goodbye::new(dialect);
     let relayed = relay::run(

@@ -957,6 +957,8 @@ fn proxy_config(
     let _ = writeln!(toml, "\n[limits]");
     let _ = writeln!(toml, "max_connections = {}", settings.max_connections);
     let _ = writeln!(toml, "max_connections_per_ip = 0");
+    // Every device of the load comes from 127.0.0.1.
+    let _ = writeln!(toml, "connect_rate_per_ip = 0");
     let _ = writeln!(toml, "idle_timeout = \"10m\"\ndrain_timeout = \"1s\"");
     for (name, service, addr) in upstreams {
         let (protocol, device_tls, upstream_tls) = match service {
