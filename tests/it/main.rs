@@ -13,6 +13,7 @@ mod audit_log;
 mod dashboard;
 mod ends;
 mod fail_closed;
+mod fleet;
 mod imap_pop3;
 mod legacy_ciphers;
 mod monitoring;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::support::ca::Pki;
 use crate::support::device::{
-    connect, smtp_session, DeviceMode, Legacy, Mail, SmtpClient, Verify, DEVICE_EHLO,
+    self, connect, smtp_session, DeviceMode, Legacy, Mail, SmtpClient, Verify, DEVICE_EHLO,
 };
 use crate::support::lines::Close;
 use crate::support::ops::{
@@ -19,7 +19,7 @@ use crate::support::proxy::{Proxy, Route, Settings};
 use crate::support::upstream::{FakeUpstream, SmtpBehaviour};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 const CONNECTIONS: &str = "tlsbridge_connections_total";
 const ACTIVE: &str = "tlsbridge_active_connections";
@@ -536,14 +536,10 @@ async fn max_connections_refuses_with_421_until_a_place_frees_up() {
 
 /// A TCP connection from `source` (any 127.0.0.0/8 address works on Linux loopback).
 async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(format!("{source}:0").parse().expect("source address"))
-        .expect("bind the source address");
-    tokio::time::timeout(Duration::from_secs(10), socket.connect(addr))
+    let source = source.parse().expect("source address");
+    device::connect_from(source, addr)
         .await
-        .expect("connect timed out")
-        .expect("connect")
+        .expect("connect from the source address")
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The legacy device: an OpenSSL client pinned to old protocol versions, and an SMTP client that
 //! records what it sent and received.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode, SslVersion};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_openssl::SslStream;
 
 use super::lines::{preview, Close, Conn, EndOfStream};
@@ -139,6 +139,23 @@ pub async fn connect(addr: SocketAddr) -> Result<TcpStream> {
         .await
         .with_context(|| format!("connect to {addr} timed out"))?
         .with_context(|| format!("connect to {addr}"))
+}
+
+/// Connects to `addr` from `source` (port chosen by the system): on Linux every address of
+/// 127.0.0.0/8 is loopback, so one host can play several devices.
+pub async fn connect_from(source: IpAddr, addr: SocketAddr) -> Result<TcpStream> {
+    let socket = match source {
+        IpAddr::V4(_) => TcpSocket::new_v4(),
+        IpAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .context("socket")?;
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .with_context(|| format!("bind the source address {source}"))?;
+    tokio::time::timeout(DEVICE_TIMEOUT, socket.connect(addr))
+        .await
+        .with_context(|| format!("connect from {source} to {addr} timed out"))?
+        .with_context(|| format!("connect from {source} to {addr}"))
 }
 
 /// An SMTP reply (one or more lines).

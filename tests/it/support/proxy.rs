@@ -104,6 +104,9 @@ pub struct Settings {
     pub drain_timeout: Option<String>,
     /// `limits.idle_timeout`; `None`: the built-in default.
     pub idle_timeout: Option<String>,
+    /// `limits.max_inventory_clients`: the bound on the inventory (and so on the per-device
+    /// series); `None`: the built-in default.
+    pub max_inventory_clients: Option<usize>,
     /// `state_save_interval`: how often the inventory is written.
     pub state_save_interval: String,
     pub extra_roots: Vec<PathBuf>,
@@ -150,6 +153,7 @@ impl Settings {
             max_connections_per_ip: None,
             drain_timeout: None,
             idle_timeout: None,
+            max_inventory_clients: None,
             state_save_interval: "1m".to_string(),
             extra_roots: vec![pki.ca_path.clone()],
             names: vec!["localhost".to_string()],
@@ -213,6 +217,9 @@ impl Settings {
         }
         if let Some(idle) = &self.idle_timeout {
             let _ = writeln!(toml, "idle_timeout = {}", quoted(idle));
+        }
+        if let Some(max) = self.max_inventory_clients {
+            let _ = writeln!(toml, "max_inventory_clients = {max}");
         }
         for route in &self.routes {
             let _ = writeln!(toml, "\n[[route]]");
