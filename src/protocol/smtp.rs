@@ -728,6 +728,25 @@ mod login_tests {
     }
 
     #[tokio::test]
+    async fn plain_asking_to_act_as_another_user_is_refused() {
+        let (task, mut device) = serve(true);
+        let as_boss = b64("boss\0scanner1\0pw");
+        device
+            .write_all(format!("AUTH PLAIN {as_boss}\r\nNOOP\r\n").as_bytes())
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "250 2.0.0 OK\r\n").await;
+        assert!(seen.starts_with("501 5.5.2"), "{seen}");
+        assert!(!seen.contains("boss"), "{seen}");
+        let same = b64("scanner1\0scanner1\0pw");
+        device
+            .write_all(format!("AUTH PLAIN {same}\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(password_of(task.await.unwrap().unwrap()).0, "scanner1");
+    }
+
+    #[tokio::test]
     async fn mail_before_auth_is_refused_or_forwarded() {
         let (task, mut device) = serve(true);
         device
