@@ -585,10 +585,12 @@ mod tests {
 #[cfg(test)]
 mod login_tests {
     use super::*;
-    use crate::protocol::testing::{read_until, scripted_server};
+    use crate::protocol::testing::{
+        bounded, read_until, scripted_server, scripted_then_closed, Step, EMPTY_LINE,
+    };
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine;
-    use tokio::io::{duplex, AsyncWriteExt};
+    use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
 
     fn serve() -> (
         tokio::task::JoinHandle<Result<DeviceLogin, DialogError>>,
@@ -687,10 +689,22 @@ mod login_tests {
         assert!(matches!(task.await.unwrap(), Err(DialogError::Quit)));
     }
 
-    async fn xoauth2(script: Vec<(&'static str, &'static str)>) -> Result<(), UpstreamAuthError> {
-        let (ours, server) = duplex(8192);
-        scripted_server(server, script);
-        upstream_xoauth2(&mut LineConn::new(ours), &Secret::new("dXNlcj0=")).await
+    /// The upstream XOAUTH2 login against `server` playing `script`.
+    async fn xoauth2_with(
+        server: fn(DuplexStream, Vec<Step>),
+        script: Vec<Step>,
+    ) -> Result<(), UpstreamAuthError> {
+        let (ours, theirs) = duplex(8192);
+        server(theirs, script);
+        bounded(upstream_xoauth2(
+            &mut LineConn::new(ours),
+            &Secret::new("dXNlcj0="),
+        ))
+        .await
+    }
+
+    async fn xoauth2(script: Vec<Step>) -> Result<(), UpstreamAuthError> {
+        xoauth2_with(scripted_server, script).await
     }
 
     #[tokio::test]
@@ -701,9 +715,10 @@ mod login_tests {
         )])
         .await
         .unwrap();
+        // The error challenge is answered with an empty line before the tagged NO comes.
         let err = xoauth2(vec![
             ("tb1 AUTHENTICATE", "+ eyJzdGF0dXMiOiI0MDAifQ==\r\n"),
-            ("", "tb1 NO AUTHENTICATE failed.\r\n"),
+            (EMPTY_LINE, "tb1 NO AUTHENTICATE failed.\r\n"),
         ])
         .await
         .unwrap_err();
@@ -712,5 +727,111 @@ mod login_tests {
             text.contains("NO AUTHENTICATE failed") && text.contains("status 400"),
             "{text}"
         );
+        // A NO without a challenge is a rejection too.
+        let err = xoauth2(vec![(
+            "tb1 AUTHENTICATE",
+            "tb1 NO [AUTHENTICATIONFAILED] no\r\n",
+        )])
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, UpstreamAuthError::Rejected(ref r) if r.contains("AUTHENTICATIONFAILED")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn upstream_xoauth2_odd_dialogs_are_dialog_failures_not_rejections() {
+        let second_challenge = xoauth2(vec![
+            ("tb1 AUTHENTICATE", "+ e30=\r\n"),
+            (EMPTY_LINE, "+ e30=\r\n"),
+        ])
+        .await;
+        assert!(
+            matches!(
+                second_challenge,
+                Err(UpstreamAuthError::Dialog(UpstreamDialogError::Unexpected(ref why)))
+                    if why.contains("second challenge")
+            ),
+            "{second_challenge:?}"
+        );
+        let garbage = xoauth2(vec![("tb1 AUTHENTICATE", "HTTP/1.1 400 Bad Request\r\n")]).await;
+        assert!(
+            matches!(
+                garbage,
+                Err(UpstreamAuthError::Dialog(UpstreamDialogError::Unexpected(
+                    _
+                )))
+            ),
+            "{garbage:?}"
+        );
+        let hung_up = xoauth2_with(
+            scripted_then_closed,
+            vec![("tb1 AUTHENTICATE", "+ e30=\r\n"), (EMPTY_LINE, "")],
+        )
+        .await;
+        assert!(
+            matches!(hung_up, Err(UpstreamAuthError::Dialog(_))),
+            "{hung_up:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_tags_and_unusable_logins_are_answered_and_the_dialog_goes_on() {
+        let (task, mut device) = serve();
+        device
+            .write_all(b"\r\na+b NOOP\r\na1 STARTTLS\r\na2 AUTHENTICATE PLAIN !!\r\n")
+            .await
+            .unwrap();
+        device
+            .write_all(b"a3 LOGIN onlyuser\r\na4 LOGIN \"u\r\na5 NOOP\r\n")
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "a5 OK").await;
+        assert_eq!(
+            seen.matches("* BAD missing or invalid tag").count(),
+            2,
+            "{seen}"
+        );
+        assert!(seen.contains("a1 BAD TLS already active"), "{seen}");
+        assert!(
+            seen.contains("a2 BAD the response is not valid base64"),
+            "{seen}"
+        );
+        assert!(
+            seen.contains("a3 BAD LOGIN needs a user name and a password"),
+            "{seen}"
+        );
+        assert!(seen.contains("a4 BAD unterminated quoted string"), "{seen}");
+        device.write_all(b"a6 LOGIN u p\r\n").await.unwrap();
+        let login = task.await.unwrap().unwrap();
+        assert_eq!(login.tag.as_deref(), Some("a6"));
+        assert_eq!(password_of(&login), ("u".into(), "p".into()));
+    }
+
+    #[tokio::test]
+    async fn login_dialog_limits_and_hang_up() {
+        let (task, mut device) = serve();
+        device
+            .write_all("a NOOP\r\n".repeat(MAX_COMMANDS + 1).as_bytes())
+            .await
+            .unwrap();
+        read_until(&mut device, "* BYE too many commands before login\r\n").await;
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(DialogError::TooManyCommands)
+        ));
+        let (task, mut device) = serve();
+        device
+            .write_all(&vec![b'A'; crate::protocol::MAX_AUTH_LINE + 10])
+            .await
+            .unwrap();
+        read_until(&mut device, "* BYE line too long\r\n").await;
+        assert!(matches!(task.await.unwrap(), Err(DialogError::LineTooLong)));
+        let (task, mut device) = serve();
+        device.write_all(b"a AUTHENTICATE PLAIN\r\n").await.unwrap();
+        read_until(&mut device, "+ \r\n").await;
+        drop(device);
+        assert!(matches!(task.await.unwrap(), Err(DialogError::Closed)));
     }
 }

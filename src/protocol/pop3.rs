@@ -338,10 +338,12 @@ mod tests {
 #[cfg(test)]
 mod login_tests {
     use super::*;
-    use crate::protocol::testing::{read_until, scripted_server};
+    use crate::protocol::testing::{
+        bounded, read_until, scripted_server, scripted_then_closed, Step, EMPTY_LINE,
+    };
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine;
-    use tokio::io::{duplex, AsyncWriteExt};
+    use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
 
     fn serve() -> (
         tokio::task::JoinHandle<Result<DeviceLogin, DialogError>>,
@@ -408,10 +410,22 @@ mod login_tests {
         assert!(matches!(task.await.unwrap(), Err(DialogError::Quit)));
     }
 
-    async fn xoauth2(script: Vec<(&'static str, &'static str)>) -> Result<(), UpstreamAuthError> {
-        let (ours, server) = duplex(8192);
-        scripted_server(server, script);
-        upstream_xoauth2(&mut LineConn::new(ours), &Secret::new("dXNlcj0=")).await
+    /// The upstream XOAUTH2 login against `server` playing `script`.
+    async fn xoauth2_with(
+        server: fn(DuplexStream, Vec<Step>),
+        script: Vec<Step>,
+    ) -> Result<(), UpstreamAuthError> {
+        let (ours, theirs) = duplex(8192);
+        server(theirs, script);
+        bounded(upstream_xoauth2(
+            &mut LineConn::new(ours),
+            &Secret::new("dXNlcj0="),
+        ))
+        .await
+    }
+
+    async fn xoauth2(script: Vec<Step>) -> Result<(), UpstreamAuthError> {
+        xoauth2_with(scripted_server, script).await
     }
 
     #[tokio::test]
@@ -422,10 +436,11 @@ mod login_tests {
         )])
         .await
         .unwrap();
+        // The error challenge is answered with an empty line before the final -ERR comes.
         let err = xoauth2(vec![
             ("AUTH XOAUTH2", "+ eyJzdGF0dXMiOiI0MDEifQ==\r\n"),
             (
-                "",
+                EMPTY_LINE,
                 "-ERR Authentication failure: unknown user name or bad password.\r\n",
             ),
         ])
@@ -440,5 +455,88 @@ mod login_tests {
             .await
             .unwrap_err();
         assert!(matches!(err, UpstreamAuthError::Rejected(_)));
+    }
+
+    #[tokio::test]
+    async fn upstream_xoauth2_hang_ups_and_garbage_are_dialog_failures_not_rejections() {
+        let garbage = xoauth2(vec![("AUTH XOAUTH2", "HTTP/1.1 400 Bad Request\r\n")]).await;
+        assert!(
+            matches!(
+                garbage,
+                Err(UpstreamAuthError::Dialog(UpstreamDialogError::Unexpected(
+                    _
+                )))
+            ),
+            "{garbage:?}"
+        );
+        let hung_up = xoauth2_with(
+            scripted_then_closed,
+            vec![("AUTH XOAUTH2", "+ e30=\r\n"), (EMPTY_LINE, "")],
+        )
+        .await;
+        assert!(
+            matches!(hung_up, Err(UpstreamAuthError::Dialog(_))),
+            "{hung_up:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unusable_logins_are_answered_and_the_dialog_goes_on() {
+        let (task, mut device) = serve();
+        device
+            .write_all(b"AUTH\r\nAUTH LOGIN\r\nAUTH PLAIN *\r\nAUTH PLAIN !!\r\nSTLS\r\n")
+            .await
+            .unwrap();
+        // An empty PASS uses up the USER before it.
+        device
+            .write_all(b"USER\r\nUSER u\r\nPASS\r\nPASS p\r\nNOOP\r\n")
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "USER first\r\n+OK\r\n").await;
+        let expected = [
+            "+OK\r\nPLAIN\r\n.\r\n",
+            "-ERR unsupported mechanism\r\n",
+            "-ERR authentication cancelled\r\n",
+            "-ERR the response is not valid base64\r\n",
+            "-ERR TLS already active\r\n",
+            "-ERR invalid user name\r\n",
+            "+OK send PASS\r\n",
+            "-ERR invalid password\r\n",
+            "-ERR USER first\r\n",
+            "+OK\r\n",
+        ];
+        assert_eq!(seen, expected.concat());
+        device
+            .write_all(b"USER scanner1\r\nPASS pw\r\n")
+            .await
+            .unwrap();
+        let login = task.await.unwrap().unwrap();
+        assert_eq!(password_of(&login), ("scanner1".into(), "pw".into()));
+    }
+
+    #[tokio::test]
+    async fn login_dialog_limits_and_hang_up() {
+        let (task, mut device) = serve();
+        device
+            .write_all("NOOP\r\n".repeat(MAX_COMMANDS + 1).as_bytes())
+            .await
+            .unwrap();
+        read_until(&mut device, "-ERR too many commands before login\r\n").await;
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(DialogError::TooManyCommands)
+        ));
+        let (task, mut device) = serve();
+        device
+            .write_all(&vec![b'A'; crate::protocol::MAX_AUTH_LINE + 10])
+            .await
+            .unwrap();
+        read_until(&mut device, "-ERR line too long\r\n").await;
+        assert!(matches!(task.await.unwrap(), Err(DialogError::LineTooLong)));
+        let (task, mut device) = serve();
+        device.write_all(b"USER scanner1\r\n").await.unwrap();
+        read_until(&mut device, "+OK send PASS\r\n").await;
+        drop(device);
+        assert!(matches!(task.await.unwrap(), Err(DialogError::Closed)));
     }
 }

@@ -43,6 +43,9 @@ pub enum SaslError {
     NotBase64,
     #[error("the response is malformed: {0}")]
     Malformed(&'static str),
+    /// A PLAIN authzid other than the user: acting as someone else is not offered.
+    #[error("logging in as one user to act as another is not supported")]
+    OtherIdentity,
 }
 
 /// A device's PLAIN credentials (RFC 4616).
@@ -87,6 +90,11 @@ pub fn decode_plain(line: &[u8]) -> Result<PlainCredentials, SaslError> {
     };
     let authzid = user_name(authzid, true)?;
     let user = user_name(user, false)?.ok_or(SaslError::Malformed("empty user name"))?;
+    // The mailbox comes from `user` alone, so a login asking for another identity must fail
+    // rather than go on as `user` (RFC 4616, section 2).
+    if authzid.as_ref().is_some_and(|authzid| *authzid != user) {
+        return Err(SaslError::OtherIdentity);
+    }
     Ok(PlainCredentials {
         authzid,
         user,
@@ -231,6 +239,9 @@ mod tests {
         let creds = decode_plain(&line).unwrap();
         assert_eq!(creds.authzid.as_deref(), Some("scanner1"));
         assert!(!format!("{creds:?}").contains("pw\""));
+        let err = decode_plain(&b64(b"boss\0scanner1\0pw")).unwrap_err();
+        assert_eq!(err, SaslError::OtherIdentity);
+        assert!(!err.to_string().contains("boss"), "{err}");
     }
 
     #[test]

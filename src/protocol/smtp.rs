@@ -625,10 +625,12 @@ mod tests {
 #[cfg(test)]
 mod login_tests {
     use super::*;
-    use crate::protocol::testing::{read_until, scripted_server};
+    use crate::protocol::testing::{
+        bounded, read_until, scripted_server, scripted_then_closed, Step, EMPTY_LINE,
+    };
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine;
-    use tokio::io::{duplex, AsyncWriteExt};
+    use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
 
     fn b64(raw: &str) -> String {
         STANDARD.encode(raw)
@@ -728,6 +730,85 @@ mod login_tests {
     }
 
     #[tokio::test]
+    async fn auth_login_with_an_initial_response_asks_only_for_the_password() {
+        let (task, mut device) = serve(true);
+        device
+            .write_all(format!("HELO scanner\r\nAUTH LOGIN {}\r\n", b64("scanner1")).as_bytes())
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "334 UGFzc3dvcmQ6\r\n").await;
+        assert!(!seen.contains("334 VXNlcm5hbWU6"), "{seen}");
+        device
+            .write_all(format!("{}\r\n", b64("pw")).as_bytes())
+            .await
+            .unwrap();
+        let login = task.await.unwrap().unwrap();
+        assert_eq!(login.client_name.as_deref(), Some("scanner"));
+        assert_eq!(password_of(login), ("scanner1".into(), "pw".into()));
+    }
+
+    #[tokio::test]
+    async fn cancelled_or_unusable_responses_keep_the_dialog_going() {
+        let (task, mut device) = serve(true);
+        // Cancelled at the user name, then at the password; EHLO without a name; STARTTLS.
+        device
+            .write_all(b"AUTH LOGIN\r\n*\r\nAUTH LOGIN\r\nc2Nhbm5lcjE=\r\n*\r\n")
+            .await
+            .unwrap();
+        device
+            .write_all(b"AUTH LOGIN !!\r\nEHLO\r\nSTARTTLS\r\nNOOP\r\n")
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "250 2.0.0 OK\r\n").await;
+        assert_eq!(
+            seen.matches("501 5.0.0 Authentication cancelled").count(),
+            2,
+            "{seen}"
+        );
+        assert!(
+            seen.contains("501 5.5.2 the response is not valid base64"),
+            "{seen}"
+        );
+        assert!(seen.contains("501 5.5.4 Syntax: EHLO hostname"), "{seen}");
+        assert!(seen.contains("503 5.5.1 TLS already active"), "{seen}");
+        // Then a good login still works.
+        let ir = b64("\0scanner1\0pw");
+        device
+            .write_all(format!("AUTH PLAIN {ir}\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(password_of(task.await.unwrap().unwrap()).0, "scanner1");
+    }
+
+    #[tokio::test]
+    async fn plain_asking_to_act_as_another_user_is_refused() {
+        let (task, mut device) = serve(true);
+        let as_boss = b64("boss\0scanner1\0pw");
+        device
+            .write_all(format!("AUTH PLAIN {as_boss}\r\nNOOP\r\n").as_bytes())
+            .await
+            .unwrap();
+        let seen = read_until(&mut device, "250 2.0.0 OK\r\n").await;
+        assert!(seen.starts_with("501 5.5.2"), "{seen}");
+        assert!(!seen.contains("boss"), "{seen}");
+        let same = b64("scanner1\0scanner1\0pw");
+        device
+            .write_all(format!("AUTH PLAIN {same}\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(password_of(task.await.unwrap().unwrap()).0, "scanner1");
+    }
+
+    #[tokio::test]
+    async fn a_device_hanging_up_mid_login_ends_the_dialog() {
+        let (task, mut device) = serve(true);
+        device.write_all(b"EHLO x\r\nAUTH LOGIN\r\n").await.unwrap();
+        read_until(&mut device, "334 VXNlcm5hbWU6\r\n").await;
+        drop(device);
+        assert!(matches!(task.await.unwrap(), Err(DialogError::Closed)));
+    }
+
+    #[tokio::test]
     async fn mail_before_auth_is_refused_or_forwarded() {
         let (task, mut device) = serve(true);
         device
@@ -786,11 +867,24 @@ mod login_tests {
         assert!(matches!(task.await.unwrap(), Err(DialogError::LineTooLong)));
     }
 
-    async fn xoauth2(script: Vec<(&'static str, &'static str)>) -> Result<(), UpstreamAuthError> {
-        let (ours, server) = duplex(8192);
-        scripted_server(server, script);
+    /// The upstream XOAUTH2 login against `server` playing `script`.
+    async fn xoauth2_with(
+        server: fn(DuplexStream, Vec<Step>),
+        script: Vec<Step>,
+    ) -> Result<(), UpstreamAuthError> {
+        let (ours, theirs) = duplex(8192);
+        server(theirs, script);
         let mut conn = LineConn::new(ours);
-        upstream_xoauth2(&mut conn, &Secret::new("dXNlcj0=")).await
+        bounded(upstream_xoauth2(&mut conn, &Secret::new("dXNlcj0="))).await
+    }
+
+    async fn xoauth2(script: Vec<Step>) -> Result<(), UpstreamAuthError> {
+        xoauth2_with(scripted_server, script).await
+    }
+
+    fn challenge_401() -> &'static str {
+        let challenge = STANDARD.encode(r#"{"status":"401","schemes":"bearer","scope":"x"}"#);
+        Box::leak(format!("334 {challenge}\r\n").into_boxed_str())
     }
 
     #[tokio::test]
@@ -801,12 +895,10 @@ mod login_tests {
         )])
         .await
         .unwrap();
-        let challenge = STANDARD.encode(r#"{"status":"401","schemes":"bearer","scope":"x"}"#);
-        let challenge: &'static str = Box::leak(format!("334 {challenge}\r\n").into_boxed_str());
+        // The error challenge is answered with an empty line before the final reply comes.
         let err = xoauth2(vec![
-            ("AUTH XOAUTH2", challenge),
-            ("", ""),
-            ("", "535 5.7.3 Authentication unsuccessful\r\n"),
+            ("AUTH XOAUTH2", challenge_401()),
+            (EMPTY_LINE, "535 5.7.3 Authentication unsuccessful\r\n"),
         ])
         .await
         .unwrap_err();
@@ -822,6 +914,35 @@ mod login_tests {
         .await
         .unwrap_err();
         assert!(matches!(err, UpstreamAuthError::Rejected(ref r) if r.contains("5.7.139")));
+    }
+
+    #[tokio::test]
+    async fn upstream_xoauth2_hang_ups_and_garbage_are_dialog_failures_not_rejections() {
+        // Not a verdict on the token: the caller keeps it and reports the upstream.
+        let hung_up = xoauth2_with(scripted_then_closed, vec![("AUTH XOAUTH2", "")]).await;
+        assert!(
+            matches!(hung_up, Err(UpstreamAuthError::Dialog(_))),
+            "{hung_up:?}"
+        );
+        let after_challenge = xoauth2_with(
+            scripted_then_closed,
+            vec![("AUTH XOAUTH2", challenge_401()), (EMPTY_LINE, "")],
+        )
+        .await;
+        assert!(
+            matches!(after_challenge, Err(UpstreamAuthError::Dialog(_))),
+            "{after_challenge:?}"
+        );
+        let garbage = xoauth2(vec![("AUTH XOAUTH2", "HTTP/1.1 400 Bad Request\r\n")]).await;
+        assert!(
+            matches!(
+                garbage,
+                Err(UpstreamAuthError::Dialog(UpstreamDialogError::Unexpected(
+                    _
+                )))
+            ),
+            "{garbage:?}"
+        );
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! token endpoint (hyper over rustls, test CA) and logs in to fake Microsoft 365 servers that
 //! accept only XOAUTH2 with a currently valid token for the mapped mailbox.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -12,12 +12,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use openssl::hash::MessageDigest;
+use openssl::rsa::Padding;
+use openssl::sign::{RsaPssSaltlen, Verifier};
+use openssl::x509::X509;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -32,6 +36,7 @@ const DEVICE_USER: &str = "scanner1";
 const DEVICE_PASSWORD: &str = "Sc4nner-pa55word";
 const MAILBOX: &str = "scanner@contoso.com";
 const LEGACY_CIPHERS: &str = "DEFAULT:@SECLEVEL=0";
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// Waits (bounded) until the captured log contains all of `needles` on one line.
 async fn log_line_with(needles: &[&str]) -> String {
@@ -64,6 +69,15 @@ struct Tokens {
     issued: Mutex<HashMap<String, Instant>>,
     /// The fake upstreams refuse every token (a missing permission).
     refuse_all: AtomicBool,
+    /// The endpoint's own URL: the audience a client assertion must name.
+    url: Mutex<String>,
+    /// The certificate registered on the app: client assertions must be signed by its key and
+    /// carry its thumbprint. None: every assertion is refused.
+    app_cert: Mutex<Option<X509>>,
+    /// Client assertions that passed every check, in the order received.
+    assertions: Mutex<Vec<String>>,
+    /// The `jti` of every assertion seen, so that a replay is refused.
+    jtis: Mutex<HashSet<String>>,
 }
 
 impl Tokens {
@@ -81,6 +95,14 @@ impl Tokens {
 
     fn all_issued(&self) -> Vec<String> {
         self.issued.lock().unwrap().keys().cloned().collect()
+    }
+
+    fn assertions(&self) -> Vec<String> {
+        self.assertions.lock().unwrap().clone()
+    }
+
+    fn register(&self, cert: &X509) {
+        *self.app_cert.lock().unwrap() = Some(cert.clone());
     }
 }
 
@@ -121,13 +143,21 @@ async fn token_answer(
     {
         return json(400, serde_json::json!({"error": "invalid_request"}));
     }
-    if field("client_secret") != CLIENT_SECRET {
+    let credential = match (form.get("client_secret"), form.get("client_assertion")) {
+        (Some(secret), None) if secret == CLIENT_SECRET => Ok(()),
+        (Some(_), None) => Err((7000215, "Invalid client secret provided.".to_string())),
+        (None, Some(assertion)) => {
+            check_assertion(tokens, field("client_assertion_type"), assertion)
+        }
+        _ => return json(400, serde_json::json!({"error": "invalid_request"})),
+    };
+    if let Err((code, description)) = credential {
         return json(
             401,
             serde_json::json!({
                 "error": "invalid_client",
-                "error_description": "AADSTS7000215: Invalid client secret provided.",
-                "error_codes": [7000215],
+                "error_description": format!("AADSTS{code}: {description}"),
+                "error_codes": [code],
             }),
         );
     }
@@ -146,11 +176,125 @@ async fn token_answer(
     )
 }
 
+/// An Entra refusal: its AADSTS number and what it says.
+type Refusal = (u64, String);
+
+/// What Entra checks in the certificate credential's client assertion (RFC 7523): its type,
+/// the registered certificate's thumbprint and key, the claims, and that it is not a replay.
+fn check_assertion(tokens: &Tokens, kind: &str, assertion: &str) -> Result<(), Refusal> {
+    if kind != JWT_BEARER {
+        return Err((50027, format!("client_assertion_type is {kind:?}.")));
+    }
+    let Some(cert) = tokens.app_cert.lock().unwrap().clone() else {
+        return Err((
+            700027,
+            "No certificate is registered on the application.".into(),
+        ));
+    };
+    let claims = verify_jwt(assertion, &cert)?;
+    check_claims(tokens, &claims)?;
+    tokens
+        .assertions
+        .lock()
+        .unwrap()
+        .push(assertion.to_string());
+    Ok(())
+}
+
+/// The claims of a JWT signed (PS256 or RS256) by `cert`'s key, carrying its `x5t#S256`.
+fn verify_jwt(jwt: &str, cert: &X509) -> Result<serde_json::Value, Refusal> {
+    let malformed = |what: &str| (50027, format!("JWT token is invalid or malformed: {what}."));
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let [header, claims, signature] = parts[..] else {
+        return Err(malformed("not three parts"));
+    };
+    let decode = |part: &str| {
+        URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|_| malformed("base64"))
+    };
+    let json = |bytes: Vec<u8>| {
+        serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|_| malformed("JSON"))
+    };
+    let header_json = json(decode(header)?)?;
+    if header_json["typ"] != "JWT" {
+        return Err(malformed("typ is not JWT"));
+    }
+    // The signature first, then the thumbprint: a certificate with another key fails the
+    // first, a renewal that kept the key the second.
+    let signed = format!("{header}.{claims}");
+    let alg = header_json["alg"].as_str().unwrap_or_default();
+    if !signature_verifies(alg, cert, signed.as_bytes(), &decode(signature)?) {
+        return Err((
+            700027,
+            "Client assertion failed signature validation.".into(),
+        ));
+    }
+    let thumbprint = URL_SAFE_NO_PAD.encode(openssl::sha::sha256(&cert.to_der().unwrap()));
+    if header_json["x5t#S256"] != thumbprint.as_str() {
+        return Err((
+            700027,
+            "The certificate with identifier used to sign the client assertion is not \
+             registered on application."
+                .into(),
+        ));
+    }
+    json(decode(claims)?)
+}
+
+/// True when `signature` over `signed` verifies with `cert`'s public key under `alg`.
+fn signature_verifies(alg: &str, cert: &X509, signed: &[u8], signature: &[u8]) -> bool {
+    let public = cert.public_key().unwrap();
+    let mut verifier = Verifier::new(MessageDigest::sha256(), &public).unwrap();
+    match alg {
+        "RS256" => {}
+        "PS256" => {
+            verifier.set_rsa_padding(Padding::PKCS1_PSS).unwrap();
+            verifier
+                .set_rsa_pss_saltlen(RsaPssSaltlen::DIGEST_LENGTH)
+                .unwrap();
+            verifier.set_rsa_mgf1_md(MessageDigest::sha256()).unwrap();
+        }
+        _ => return false,
+    }
+    verifier.verify_oneshot(signature, signed).unwrap_or(false)
+}
+
+/// The claims Entra requires: `aud` the token URL, `iss` = `sub` = client id, a live `exp`, an
+/// `nbf` not ahead (5 minutes of skew) and a `jti` not seen before.
+fn check_claims(tokens: &Tokens, claims: &serde_json::Value) -> Result<(), Refusal> {
+    let refused = |what: &str| Err((700027, format!("Client assertion {what}.")));
+    if claims["aud"] != tokens.url.lock().unwrap().as_str() {
+        return refused("has the wrong audience");
+    }
+    if claims["iss"] != CLIENT_ID || claims["sub"] != CLIENT_ID {
+        return refused("does not name the client as iss and sub");
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (exp, nbf) = (claims["exp"].as_u64(), claims["nbf"].as_u64());
+    if !exp.is_some_and(|exp| exp > now) || !nbf.is_some_and(|nbf| nbf <= now + 300) {
+        return Err((
+            700024,
+            "Client assertion is not within its valid time range.".into(),
+        ));
+    }
+    let jti = claims["jti"].as_str().unwrap_or_default();
+    if jti.is_empty() || !tokens.jtis.lock().unwrap().insert(jti.to_string()) {
+        return refused("has no jti or replays one");
+    }
+    Ok(())
+}
+
 /// Serves the token endpoint on 127.0.0.1 as "localhost"; returns its URL.
 async fn token_endpoint(pki: &Pki, tokens: Arc<Tokens>) -> String {
     let acceptor = rustls_server(&pki.localhost);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    let url = format!("https://localhost:{port}/contoso.onmicrosoft.com/oauth2/v2.0/token");
+    *tokens.url.lock().unwrap() = url.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let (acceptor, tokens) = (acceptor.clone(), tokens.clone());
@@ -168,7 +312,7 @@ async fn token_endpoint(pki: &Pki, tokens: Arc<Tokens>) -> String {
             });
         }
     });
-    format!("https://localhost:{port}/contoso.onmicrosoft.com/oauth2/v2.0/token")
+    url
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -372,7 +516,25 @@ impl Bridge {
 /// A route: (name, protocol, upstream port, extra keys).
 type RouteDef<'a> = (&'a str, &'a str, u16, &'a str);
 
+/// How the bridge's app proves who it is to the token endpoint.
+#[derive(Clone, Copy)]
+enum Credential<'a> {
+    /// `client_secret_file` holding [`CLIENT_SECRET`].
+    Secret,
+    /// `client_cert` and `client_key`: a signed client assertion.
+    Certificate(&'a AppCert),
+}
+
 async fn bridge(pki: &Pki, token_url: &str, routes: &[RouteDef<'_>]) -> Bridge {
+    bridge_with(pki, token_url, routes, Credential::Secret).await
+}
+
+async fn bridge_with(
+    pki: &Pki,
+    token_url: &str,
+    routes: &[RouteDef<'_>],
+    credential: Credential<'_>,
+) -> Bridge {
     crate::support::init_logging();
     let dir = tempfile::tempdir().unwrap();
     let mut toml = crate::support::proxy::Settings::new(pki, Vec::new()).toml(dir.path());
@@ -394,8 +556,18 @@ async fn bridge(pki: &Pki, token_url: &str, routes: &[RouteDef<'_>]) -> Bridge {
              {extra}\n"
         ));
     }
-    let secret = dir.path().join("client_secret");
-    std::fs::write(&secret, CLIENT_SECRET).unwrap();
+    let credential = match credential {
+        Credential::Secret => {
+            let secret = dir.path().join("client_secret");
+            std::fs::write(&secret, CLIENT_SECRET).unwrap();
+            format!("client_secret_file = {}", quote(&secret))
+        }
+        Credential::Certificate(app) => format!(
+            "client_cert = {}\nclient_key = {}",
+            quote(&app.cert_path),
+            quote(&app.key_path)
+        ),
+    };
     let users = dir.path().join("users.toml");
     let mut credentials = tlsbridge::credentials::Credentials::default();
     credentials
@@ -408,8 +580,7 @@ async fn bridge(pki: &Pki, token_url: &str, routes: &[RouteDef<'_>]) -> Bridge {
     credentials.save(&users).unwrap();
     toml.push_str(&format!(
         "\n[oauth]\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"{CLIENT_ID}\"\n\
-         client_secret_file = {}\ntoken_url = \"{token_url}\"\nusers_file = {}\n",
-        quote(&secret),
+         {credential}\ntoken_url = \"{token_url}\"\nusers_file = {}\n",
         quote(&users)
     ));
     let config_path = dir.path().join("tlsbridge.toml");
@@ -557,6 +728,9 @@ async fn smtp_auth_login_and_plain_log_in_with_xoauth2_and_deliver() {
     ])
     .await;
     assert!(closed.contains("\"auth\":\"xoauth2\""), "{closed}");
+    let device = inventory_auth(bridge.admin.expect("admin endpoint"), "xoauth2").await;
+    assert_eq!(device["connections"], 2, "{device}");
+    assert_eq!(device["routes"], serde_json::json!(["smtp"]), "{device}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -678,6 +852,10 @@ async fn a_wrong_password_gets_535_and_no_token_is_requested() {
     )
     .await;
     assert!(replies[2].starts_with("530 5.7.0"), "{replies:?}");
+    let device = inventory_entry(bridge.admin.expect("admin endpoint"))
+        .await
+        .expect("the device is in the inventory");
+    assert!(device.get("auth").is_none(), "not logged in: {device}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -762,35 +940,156 @@ async fn an_expired_token_under_20_concurrent_sessions_is_refreshed_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_secret_reaches_the_logs_or_check_output() {
+async fn a_certificate_credential_gets_the_token_and_the_mail_through() {
     let w = world(3600).await;
-    let (port, _) = fake_upstream(&w.pki, Service::Smtp, w.tokens.clone()).await;
-    let bridge = bridge(&w.pki, &w.token_url, &[("smtp", "smtp", port, "")]).await;
+    let app = AppCert::new();
+    w.tokens.register(&app.cert);
+    let (port, upstream) = fake_upstream(&w.pki, Service::Smtp, w.tokens.clone()).await;
+    let routes = [("certsmtp", "smtp", port, "")];
+    let bridge = bridge_with(&w.pki, &w.token_url, &routes, Credential::Certificate(&app)).await;
     let plain = b64(&format!("\0{DEVICE_USER}\0{DEVICE_PASSWORD}"));
     let replies = device_smtp(
-        bridge.addr("smtp"),
+        bridge.addr("certsmtp"),
         &bridge.device_ca(),
-        &["EHLO x", &format!("AUTH PLAIN {plain}"), "QUIT"],
+        &[
+            "EHLO legacy-scanner",
+            &format!("AUTH PLAIN {plain}"),
+            "MAIL FROM:<scanner@contoso.com>",
+            "RCPT TO:<office@contoso.com>",
+            "DATA",
+            "signed page\r\n.",
+            "QUIT",
+        ],
     )
     .await;
     assert!(replies[2].starts_with("235 "), "{replies:?}");
-    log_line_with(&["session_closed", "\"device_user\":\"scanner1\""]).await;
-    let check = std::process::Command::new(env!("CARGO_BIN_EXE_tlsbridge"))
+    assert!(replies[6].starts_with("250 2.0.0"), "{replies:?}");
+    let messages = upstream.messages.lock().unwrap().clone();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(messages[0].0, MAILBOX);
+    assert_eq!(w.tokens.requests(), 1);
+    assert_eq!(
+        w.tokens.assertions().len(),
+        1,
+        "the token was not had with a verified client assertion"
+    );
+    inventory_auth(bridge.admin.expect("admin endpoint"), "xoauth2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_expecting_another_certificate_refuses() {
+    let w = world(3600).await;
+    let app = AppCert::new();
+    let (port, upstream) = fake_upstream(&w.pki, Service::Smtp, w.tokens.clone()).await;
+    let plain = b64(&format!("\0{DEVICE_USER}\0{DEVICE_PASSWORD}"));
+    // The app registration holds a certificate with another key, then a renewal of ours that
+    // kept the key (its thumbprint differs).
+    for (route, registered, cause) in [
+        (
+            "certotherkey",
+            AppCert::new(),
+            "failed signature validation",
+        ),
+        (
+            "certrenewed",
+            app.renewed(),
+            "is not registered on application",
+        ),
+    ] {
+        w.tokens.register(&registered.cert);
+        let routes = [(route, "smtp", port, "")];
+        let bridge =
+            bridge_with(&w.pki, &w.token_url, &routes, Credential::Certificate(&app)).await;
+        let replies = device_smtp(
+            bridge.addr(route),
+            &bridge.device_ca(),
+            &["EHLO x", &format!("AUTH PLAIN {plain}")],
+        )
+        .await;
+        assert!(replies[2].starts_with("454 4.7.0"), "{replies:?}");
+        log_line_with(&[
+            "session_closed",
+            &format!("\"route\":\"{route}\""),
+            "auth_token_unavailable",
+            "invalid_client (AADSTS700027)",
+            cause,
+        ])
+        .await;
+        let device = inventory_entry(bridge.admin.expect("admin endpoint"))
+            .await
+            .expect("the device is in the inventory");
+        assert!(device.get("auth").is_none(), "not logged in: {device}");
+    }
+    assert_eq!(w.tokens.requests(), 2);
+    assert!(w.tokens.assertions().is_empty());
+    assert_eq!(upstream.logins.load(Ordering::SeqCst), 0);
+}
+
+/// `tlsbridge check` on `config`: stdout and stderr.
+fn check_output(config: &Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tlsbridge"))
         .arg("--config")
-        .arg(&bridge.config_path)
+        .arg(config)
         .arg("check")
         .output()
         .unwrap();
-    let check = format!(
+    assert!(out.status.success(), "{out:?}");
+    format!(
         "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let mut admin = String::new();
-    for path in ["/clients", "/metrics"] {
-        admin.push_str(&admin_get(bridge.admin.expect("admin endpoint"), path).await);
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_logs_or_check_output() {
+    let w = world(3600).await;
+    let app = AppCert::new();
+    w.tokens.register(&app.cert);
+    let (port, _) = fake_upstream(&w.pki, Service::Smtp, w.tokens.clone()).await;
+    let with_secret = bridge(&w.pki, &w.token_url, &[("secretsmtp", "smtp", port, "")]).await;
+    let with_cert = bridge_with(
+        &w.pki,
+        &w.token_url,
+        &[("keysmtp", "smtp", port, "")],
+        Credential::Certificate(&app),
+    )
+    .await;
+    let plain = b64(&format!("\0{DEVICE_USER}\0{DEVICE_PASSWORD}"));
+    let (mut check, mut admin) = (String::new(), String::new());
+    for (bridge, route) in [(&with_secret, "secretsmtp"), (&with_cert, "keysmtp")] {
+        let replies = device_smtp(
+            bridge.addr(route),
+            &bridge.device_ca(),
+            &["EHLO x", &format!("AUTH PLAIN {plain}"), "QUIT"],
+        )
+        .await;
+        assert!(replies[2].starts_with("235 "), "{replies:?}");
+        log_line_with(&[
+            "session_closed",
+            &format!("\"route\":\"{route}\""),
+            "\"device_user\":\"scanner1\"",
+        ])
+        .await;
+        let config = bridge.config_path.clone();
+        check.push_str(
+            &tokio::task::spawn_blocking(move || check_output(&config))
+                .await
+                .unwrap(),
+        );
+        for path in ["/clients", "/metrics"] {
+            admin.push_str(&admin_get(bridge.admin.expect("admin endpoint"), path).await);
+        }
     }
-    assert!(admin.contains("tlsbridge_"), "{admin}");
+    assert!(
+        admin.contains("tlsbridge_") && admin.contains("\"xoauth2\""),
+        "{admin}"
+    );
+    assert_eq!(
+        w.tokens.assertions().len(),
+        1,
+        "the key signed no assertion"
+    );
     let logs = crate::support::json_log_text() + &crate::support::log_text();
     let mut secrets = vec![
         DEVICE_PASSWORD.to_string(),
@@ -798,12 +1097,16 @@ async fn no_secret_reaches_the_logs_or_check_output() {
         plain.clone(),
     ];
     secrets.extend(w.tokens.all_issued());
+    secrets.extend(w.tokens.assertions());
+    secrets.extend(app.key_body());
     for secret in &secrets {
-        assert!(!logs.contains(secret.as_str()), "a secret is in the log");
-        assert!(
-            !check.contains(secret.as_str()),
-            "a secret is in `check` output"
-        );
+        for (place, text) in [
+            ("the log", &logs),
+            ("`check` output", &check),
+            ("/clients or /metrics", &admin),
+        ] {
+            assert!(!text.contains(secret.as_str()), "a secret is in {place}");
+        }
     }
 }
 
@@ -832,11 +1135,100 @@ async fn passthrough_basic_auth_refusal_is_diagnosed() {
     .await;
     assert!(closed.contains("\"auth\":\"passthrough\""), "{closed}");
     assert_eq!(w.tokens.requests(), 0);
-    let metrics = admin_get(bridge.admin.expect("admin endpoint"), "/metrics").await;
+    let admin = bridge.admin.expect("admin endpoint");
+    let metrics = admin_get(admin, "/metrics").await;
     assert!(
         metrics.contains("tlsbridge_upstream_basic_auth_disabled_total{route=\"legacy\"} 1"),
         "{metrics}"
     );
+    let device = inventory_auth(admin, "upstream_basic_auth_disabled").await;
+    assert_eq!(device["routes"], serde_json::json!(["legacy"]), "{device}");
+}
+
+/// The app registration's certificate credential: a self-signed RSA certificate and its key,
+/// as PEM files (the key 0600).
+struct AppCert {
+    cert: X509,
+    key_pem: String,
+    cert_path: std::path::PathBuf,
+    key_path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl AppCert {
+    fn new() -> AppCert {
+        let key =
+            openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap();
+        AppCert::with_key(key)
+    }
+
+    /// Another certificate for the same key, as a renewal that keeps the key gives.
+    fn renewed(&self) -> AppCert {
+        AppCert::with_key(
+            openssl::pkey::PKey::private_key_from_pem(self.key_pem.as_bytes()).unwrap(),
+        )
+    }
+
+    fn with_key(key: openssl::pkey::PKey<openssl::pkey::Private>) -> AppCert {
+        use openssl::asn1::{Asn1Integer, Asn1Time};
+        use openssl::bn::BigNum;
+        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "tlsbridge e2e app")
+            .unwrap();
+        let name = name.build();
+        let mut serial = BigNum::new().unwrap();
+        serial
+            .rand(64, openssl::bn::MsbOption::MAYBE_ZERO, false)
+            .unwrap();
+        let mut builder = X509::builder().unwrap();
+        builder.set_version(2).unwrap();
+        builder
+            .set_serial_number(&Asn1Integer::from_bn(&serial).unwrap())
+            .unwrap();
+        builder.set_subject_name(&name).unwrap();
+        builder.set_issuer_name(&name).unwrap();
+        builder.set_pubkey(&key).unwrap();
+        builder
+            .set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        builder
+            .set_not_after(&Asn1Time::days_from_now(30).unwrap())
+            .unwrap();
+        builder.sign(&key, MessageDigest::sha256()).unwrap();
+        let cert = builder.build();
+        let key_pem = String::from_utf8(key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cert_path = dir.path().join("app.crt");
+        let key_path = dir.path().join("app.key");
+        std::fs::write(&cert_path, cert.to_pem().unwrap()).unwrap();
+        std::fs::write(&key_path, &key_pem).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        AppCert {
+            cert,
+            key_pem,
+            cert_path,
+            key_path,
+            _dir: dir,
+        }
+    }
+
+    /// The base64 lines of the key's PEM (long enough never to occur by chance), and all of
+    /// them joined.
+    fn key_body(&self) -> Vec<String> {
+        let lines: Vec<&str> = self
+            .key_pem
+            .lines()
+            .filter(|line| !line.starts_with("-----"))
+            .collect();
+        let mut body: Vec<String> = lines
+            .iter()
+            .filter(|line| line.len() >= 16)
+            .map(|line| line.to_string())
+            .collect();
+        body.push(lines.concat());
+        body
+    }
 }
 
 /// A client CA, and a client certificate from it written as PEM (cert, key) into `dir`.
@@ -1019,6 +1411,31 @@ async fn probe_xoauth2_checks_the_app_registration() {
         !out.contains("wrong-secret") && !out.contains(CLIENT_SECRET),
         "{out}"
     );
+}
+
+/// The device's inventory entry: every in-process device connects from 127.0.0.1, and each
+/// bridge keeps its own inventory.
+async fn inventory_entry(admin: SocketAddr) -> Option<serde_json::Value> {
+    let clients = crate::support::ops::clients(admin).await.unwrap();
+    clients
+        .into_iter()
+        .find(|client| client["ip"] == "127.0.0.1")
+}
+
+/// Waits (bounded) until the device's inventory entry shows `auth`; returns the entry.
+async fn inventory_auth(admin: SocketAddr, auth: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let entry = inventory_entry(admin).await;
+        if let Some(entry) = entry.as_ref().filter(|entry| entry["auth"] == auth) {
+            return entry.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the inventory does not show auth {auth:?}: {entry:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn admin_get(addr: SocketAddr, path: &str) -> String {
