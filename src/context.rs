@@ -71,6 +71,23 @@ impl AuthShared {
     }
 }
 
+impl AuthShared {
+    /// Re-reads the users file (after `tlsbridge passwd`); sessions already logged in are not
+    /// affected. A bad file keeps the old table.
+    pub fn reload_users(&self, path: &std::path::Path) {
+        match Credentials::load(path) {
+            Ok(loaded) => {
+                let users = loaded.credentials.len();
+                self.verifier.replace(loaded.credentials);
+                info!(users, path = %path.display(), "reloaded the users file");
+            }
+            Err(err) => {
+                error!(error = %err, "reload failed; keeping the previous users")
+            }
+        }
+    }
+}
+
 impl Shared {
     /// The name tlsbridge gives itself in banners and in EHLO: the first `device_tls.names`.
     pub fn server_name(&self) -> &str {
@@ -82,8 +99,9 @@ impl Shared {
             .unwrap_or("localhost")
     }
 
-    /// Re-reads the device certificate and key and the upstream `extra_roots`. New connections
-    /// use the new files; open sessions keep what they have. A bad file keeps the old state.
+    /// Re-reads the device certificate and key, the upstream `extra_roots` and, with xoauth2
+    /// routes, the users file. New connections use the new files; open sessions keep what they
+    /// have. A bad file keeps the old state.
     pub fn reload(&self) {
         match self.acceptor.reload(&self.config.device_tls) {
             Ok(()) => {
@@ -101,6 +119,9 @@ impl Shared {
             Err(err) => {
                 error!(error = %format!("{err:#}"), "reload failed; keeping the previous upstream roots")
             }
+        }
+        if let Some(auth) = &self.auth {
+            auth.reload_users(&self.config.oauth.users_file);
         }
     }
 }

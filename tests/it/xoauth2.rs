@@ -502,6 +502,8 @@ struct Bridge {
     admin: Option<SocketAddr>,
     _shutdown: oneshot::Sender<()>,
     config_path: std::path::PathBuf,
+    users_file: std::path::PathBuf,
+    shared: Arc<tlsbridge::context::Shared>,
 }
 
 impl Bridge {
@@ -599,6 +601,7 @@ async fn bridge_with(
         .map(|(name, ..)| (name.to_string(), server.local_addr(name).unwrap()))
         .collect();
     let admin = server.admin_addr();
+    let shared = server.shared();
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(server.run(async move {
         let _ = rx.await;
@@ -609,6 +612,8 @@ async fn bridge_with(
         admin,
         _shutdown: tx,
         config_path,
+        users_file: users,
+        shared,
     }
 }
 
@@ -856,6 +861,44 @@ async fn a_wrong_password_gets_535_and_no_token_is_requested() {
         .await
         .expect("the device is in the inventory");
     assert!(device.get("auth").is_none(), "not logged in: {device}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_added_with_passwd_logs_in_after_a_reload() {
+    let w = world(3600).await;
+    let (port, upstream) = fake_upstream(&w.pki, Service::Smtp, w.tokens.clone()).await;
+    let bridge = bridge(&w.pki, &w.token_url, &[("smtp", "smtp", port, "")]).await;
+    let login = |user: &str| {
+        format!(
+            "AUTH PLAIN {}",
+            b64(&format!("\0{user}\0{DEVICE_PASSWORD}"))
+        )
+    };
+    let (addr, ca) = (bridge.addr("smtp"), bridge.device_ca());
+    let replies = device_smtp(addr, &ca, &["EHLO x", &login("scanner2")]).await;
+    assert!(
+        replies[2].starts_with("535 5.7.8"),
+        "not a user yet: {replies:?}"
+    );
+    // What `tlsbridge passwd scanner2` does to the file, then what SIGHUP does.
+    let file = &bridge.users_file;
+    let mut credentials = tlsbridge::credentials::Credentials::load(file)
+        .unwrap()
+        .credentials;
+    let password = tlsbridge::secret::Secret::new(DEVICE_PASSWORD);
+    credentials
+        .set("scanner2", &password, Some(MAILBOX))
+        .unwrap();
+    credentials.save(file).unwrap();
+    bridge.shared.reload();
+    let replies = device_smtp(addr, &ca, &["EHLO x", &login("scanner2"), "QUIT"]).await;
+    assert!(replies[2].starts_with("235 "), "{replies:?}");
+    assert_eq!(upstream.logins.load(Ordering::SeqCst), 1);
+    // A broken file keeps the users there were.
+    std::fs::write(file, "not = [valid").unwrap();
+    bridge.shared.reload();
+    let replies = device_smtp(addr, &ca, &["EHLO x", &login("scanner2"), "QUIT"]).await;
+    assert!(replies[2].starts_with("235 "), "{replies:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
