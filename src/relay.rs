@@ -180,23 +180,30 @@ impl<L: Leg, R: Leg> Leg for tokio_util::either::Either<L, R> {
     }
 }
 
-/// Bytes kept from the start of each direction: enough for a protocol's first command (the SMTP
-/// EHLO that names a device) and the first replies (a Basic-auth refusal after EHLO and AUTH).
-/// Kept only as bytes pass, so an idle session holds none.
-const HEAD: usize = 1024;
+/// How many of the first bytes of each direction the session wants back (the SMTP EHLO that
+/// names a device; the upstream's first replies, for a Basic-auth refusal). Kept only as bytes
+/// pass, and only what is asked for: other sessions keep none.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Keep {
+    /// Device to upstream.
+    pub up: usize,
+    /// Upstream to device.
+    pub down: usize,
+}
 
 /// What passed one way: the byte count (payload only, TLS overhead not included) and the first
-/// bytes.
+/// bytes asked for.
 #[derive(Debug, Default)]
 pub struct Seen {
     pub bytes: u64,
     pub head: Vec<u8>,
+    keep: usize,
 }
 
 impl Seen {
     fn passed(&mut self, chunk: &[u8]) {
         self.bytes += chunk.len() as u64;
-        let room = HEAD.saturating_sub(self.head.len());
+        let room = self.keep.saturating_sub(self.head.len());
         self.head.extend_from_slice(&chunk[..room.min(chunk.len())]);
     }
 }
@@ -244,12 +251,15 @@ struct Pump {
 type Failed = (Side, io::Error);
 
 impl Pump {
-    fn new(from: Side) -> Pump {
+    fn new(from: Side, keep: usize) -> Pump {
         Pump {
             from,
             unwritten: Vec::new(),
             state: State::Reading,
-            seen: Seen::default(),
+            seen: Seen {
+                keep,
+                ..Seen::default()
+            },
         }
     }
 
@@ -370,10 +380,10 @@ struct Pumps {
 }
 
 impl Pumps {
-    fn new() -> Pumps {
+    fn new(keep: Keep) -> Pumps {
         Pumps {
-            up: Pump::new(Side::Device),
-            down: Pump::new(Side::Upstream),
+            up: Pump::new(Side::Device, keep.up),
+            down: Pump::new(Side::Upstream, keep.down),
         }
     }
 
@@ -418,15 +428,17 @@ fn written(result: io::Result<usize>) -> io::Result<usize> {
 }
 
 /// Copies device -> upstream and upstream -> device until both ends finish or one fails, and
-/// carries each end as described in the module documentation.
+/// carries each end as described in the module documentation; `keep` is how much of each
+/// direction's start comes back in [`Relayed`].
 pub async fn run<D: Leg, U: Leg>(
     device: &mut D,
     upstream: &mut U,
     idle: Duration,
     cancel: &CancellationToken,
     goodbye: &mut Goodbye,
+    keep: Keep,
 ) -> Relayed {
-    let mut pumps = Pumps::new();
+    let mut pumps = Pumps::new(keep);
     let sleep = tokio::time::sleep(idle);
     tokio::pin!(sleep);
     let cancelled = cancel.cancelled();
@@ -502,7 +514,7 @@ mod tests {
         let (mut device, mut device_peer) = duplex(64 * 1024);
         // The upstream takes 4 KiB at a time, so the relay must keep the rest of a read.
         let (mut upstream, mut upstream_peer) = duplex(4 * 1024);
-        let mut pumps = Pumps::new();
+        let mut pumps = Pumps::new(Keep::default());
         let mut goodbye = Goodbye::new(None);
         step(&mut pumps, &mut device, &mut upstream, &mut goodbye).await;
         assert_eq!(
@@ -538,6 +550,7 @@ mod tests {
                 Duration::from_secs(60),
                 &cancel,
                 &mut goodbye,
+                Keep { up: 4, down: 0 },
             )
             .await
         });
@@ -567,7 +580,11 @@ mod tests {
             relayed.end
         );
         assert_eq!((relayed.up.bytes, relayed.down.bytes), (7, 15));
-        assert_eq!(relayed.up.head, b"request");
+        assert_eq!(
+            relayed.up.head, b"requ",
+            "only the bytes asked for are kept"
+        );
+        assert!(relayed.down.head.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -583,6 +600,7 @@ mod tests {
                 Duration::from_secs(10),
                 &cancel,
                 &mut goodbye,
+                Keep::default(),
             )
             .await
         });

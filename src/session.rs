@@ -22,7 +22,7 @@ use crate::outcome::{Failure, Outcome, Refusal, Stall};
 use crate::protocol::goodbye::Goodbye;
 use crate::protocol::{self, smtp, Dialect};
 use crate::proxy_protocol;
-use crate::relay::{self, Close, End, Relayed};
+use crate::relay::{self, Close, End, Keep, Relayed};
 use crate::upstream::{LazyUpstream, Start, Target, UpstreamLeg};
 
 /// How long a last reply or close towards a device may take: it may have stopped reading.
@@ -264,6 +264,7 @@ async fn relay_session(
         idle,
         &shared.cancel,
         &mut goodbye,
+        keep(route, dialect),
     )
     .await;
     if dialect == Some(Dialect::Smtp) {
@@ -278,6 +279,21 @@ async fn relay_session(
             route, shared, record, &reply, ended,
         )),
         None => ended,
+    }
+}
+
+/// What the session reads back from the relay's first bytes: on SMTP the device's EHLO (its
+/// name), and on passthrough SMTP the upstream's first replies (a Basic-auth refusal).
+fn keep(route: &RouteCtx, dialect: Option<Dialect>) -> Keep {
+    match dialect {
+        Some(Dialect::Smtp) => Keep {
+            up: smtp::CLIENT_NAME_HEAD,
+            down: match route.route.auth {
+                AuthMode::Passthrough => smtp::BASIC_AUTH_REFUSAL_HEAD,
+                AuthMode::Xoauth2 => 0,
+            },
+        },
+        _ => Keep::default(),
     }
 }
 

@@ -183,6 +183,14 @@ pub async fn read_reply<S: AsyncRead + AsyncWrite + Unpin>(
     )))
 }
 
+/// How much of the upstream's start after TLS [`basic_auth_disabled`] looks at: the replies to
+/// EHLO and to the device's AUTH exchange, not the whole stream.
+pub const BASIC_AUTH_REFUSAL_HEAD: usize = 1024;
+
+/// How much of the device's start [`client_name`] looks at: an EHLO line with a name of up to
+/// 255 octets (RFC 5321's domain limit).
+pub const CLIENT_NAME_HEAD: usize = 512;
+
 /// The reply line in the first bytes an upstream sent after TLS that says Microsoft 365 refused
 /// a login because Basic auth is disabled (`535 5.7.139`, `550 5.7.30`), sanitised.
 pub fn basic_auth_disabled(from_upstream: &[u8]) -> Option<String> {
