@@ -5,7 +5,8 @@
 //! [`HEADER_READ_TIMEOUT`] (also the keep-alive timeout between requests), a connection lives at
 //! most [`CONNECTION_LIFETIME`], and at most [`MAX_CONNECTIONS`] are open at once (more are
 //! closed at accept).
-//! With `admin.token_file`, every page but the probes needs `Authorization: Bearer <token>`.
+//! With `admin.token_file`, every page but the probes needs the token: `Authorization: Bearer
+//! <token>`, or Basic credentials with the token as the password (a browser asks for them).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -135,12 +136,16 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             let mut response = reply(
                 StatusCode::UNAUTHORIZED,
                 "text/plain",
-                "a bearer token is required (admin.token_file)\n".into(),
+                "the admin token is required (admin.token_file)\n".into(),
             );
-            response.headers_mut().insert(
-                hyper::header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"tlsbridge\""),
-            );
+            // Basic too, so a browser asks for it (any user name, the token as the password).
+            let headers = response.headers_mut();
+            for challenge in ["Bearer realm=\"tlsbridge\"", "Basic realm=\"tlsbridge\""] {
+                headers.append(
+                    hyper::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(challenge),
+                );
+            }
             return response;
         }
     }
@@ -215,18 +220,35 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
     }
 }
 
-/// True when the request carries `Authorization: Bearer <token>` with the right token.
+/// True when the request carries the right token: `Authorization: Bearer <token>`, or Basic
+/// credentials (a browser's login prompt) whose password is the token, whatever the user name.
 fn authorized(req: &Request<Incoming>, token: &Secret) -> bool {
+    use base64::Engine;
     let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) else {
         return false;
     };
-    let value = value.as_bytes();
-    let scheme = b"bearer ";
-    if value.len() < scheme.len() || !value[..scheme.len()].eq_ignore_ascii_case(scheme) {
-        return false;
+    let token = token.expose().as_bytes();
+    if let Some(given) = credentials(value.as_bytes(), b"bearer ") {
+        return constant_time_eq(given, token);
     }
-    let given = value[scheme.len()..].trim_ascii();
-    constant_time_eq(given, token.expose().as_bytes())
+    let Some(encoded) = credentials(value.as_bytes(), b"basic ") else {
+        return false;
+    };
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded) else {
+        return false;
+    };
+    let decoded = zeroize::Zeroizing::new(decoded);
+    match decoded.iter().position(|&b| b == b':') {
+        Some(colon) => constant_time_eq(&decoded[colon + 1..], token),
+        None => false,
+    }
+}
+
+/// What follows `scheme` (case-insensitive) in an Authorization value, trimmed.
+fn credentials<'a>(value: &'a [u8], scheme: &[u8]) -> Option<&'a [u8]> {
+    let head = value.get(..scheme.len())?;
+    head.eq_ignore_ascii_case(scheme)
+        .then(|| value[scheme.len()..].trim_ascii())
 }
 
 /// Compares without an early exit, so the time taken does not tell how much of a guess was
@@ -389,15 +411,23 @@ mod tests {
                 "",
                 "Authorization: Bearer wrong\r\n",
                 "Authorization: Basic s3cret-token\r\n",
+                // admin:wrong, and the token as a user name
+                "Authorization: Basic YWRtaW46d3Jvbmc=\r\n",
+                "Authorization: Basic czNjcmV0LXRva2VuOg==\r\n",
             ] {
                 let head = get(path, auth).await.unwrap();
                 assert!(head.starts_with("http/1.1 401"), "{path} {auth:?}: {head}");
                 assert!(head.contains("www-authenticate: bearer"), "{head}");
+                assert!(head.contains("www-authenticate: basic"), "{head}");
             }
-            let head = get(path, "Authorization: Bearer s3cret-token\r\n")
-                .await
-                .unwrap();
-            assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+            for auth in [
+                "Authorization: Bearer s3cret-token\r\n",
+                // admin:s3cret-token, as a browser sends it after its login prompt
+                "Authorization: Basic YWRtaW46czNjcmV0LXRva2Vu\r\n",
+            ] {
+                let head = get(path, auth).await.unwrap();
+                assert!(head.starts_with("http/1.1 200"), "{path} {auth:?}: {head}");
+            }
         }
         for path in ["/healthz", "/readyz"] {
             let head = get(path, "").await.unwrap();
