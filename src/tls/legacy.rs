@@ -333,8 +333,8 @@ fn build_context(config: &DeviceTlsConfig) -> Result<SslContext> {
     let mut builder = SslContextBuilder::new(SslMethod::tls_server())?;
     apply_protocol_settings(&mut builder, config)?;
     // An idle session gives its read and write buffers back to the allocator. The relay reads
-    // into the stack and keeps on the heap only what a write did not take, so a write is
-    // retried from another address (same bytes): OpenSSL must accept the move.
+    // into a per-thread buffer and keeps on the heap only what a write did not take, so a write
+    // is retried from another address (same bytes): OpenSSL must accept the move.
     builder.set_mode(SslMode::RELEASE_BUFFERS | SslMode::ACCEPT_MOVING_WRITE_BUFFER);
     // No IGNORE_UNEXPECTED_EOF: an end without close_notify must stay distinguishable from a
     // clean one (the relay carries it as such).
