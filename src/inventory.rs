@@ -290,7 +290,8 @@ impl Inventory {
         }
         state.by_last_seen.insert((now, s.ip));
         while state.clients.len() > self.max_clients {
-            let Some(&(_, oldest)) = state.by_last_seen.first() else {
+            // The device just seen stays, even when others were last seen in the same second.
+            let Some(&(_, oldest)) = state.by_last_seen.iter().find(|(_, ip)| *ip != s.ip) else {
                 break;
             };
             state.remove(oldest);
@@ -808,6 +809,23 @@ mod tests {
             seen(&inventory, &ip.to_string(), "TLSv1");
         }
         assert_eq!(inventory.len(), before + NEW_CLIENTS_PER_SECOND as usize);
+    }
+
+    #[test]
+    fn a_new_device_is_kept_when_it_ties_with_older_ones_on_the_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_at, clock) = test_clock(day_one());
+        let inventory = Inventory::load_with_clock(dir.path(), 2, clock).unwrap();
+        for ip in ["10.0.0.9", "10.0.0.8", "10.0.0.1"] {
+            seen(&inventory, ip, "TLSv1");
+        }
+        let ips: Vec<String> = inventory
+            .snapshot()
+            .iter()
+            .map(|c| c.ip.to_string())
+            .collect();
+        assert_eq!(inventory.len(), 2);
+        assert!(ips.contains(&"10.0.0.1".to_string()), "{ips:?}");
     }
 
     #[test]
