@@ -303,31 +303,21 @@ async fn a_forged_sni_is_refused_and_nothing_raw_reaches_the_log_or_the_inventor
     proxy.stop().await.expect("stop");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connect_storm_from_one_address_is_rate_limited_and_counted() {
-    init_logging();
-    let pki = Pki::new().expect("test PKI");
-    let upstream = echo_upstream(&pki).await;
-    let proxy = Running::start(
-        &pki,
-        "[admin]\nlisten = \"\"\n[limits]\nconnect_rate_per_ip = 2\n",
-        &format!(
-            "listen = \"127.0.0.1:0\"\nprotocol = \"tcp\"\ndevice_tls = \"plain\"\n\
-             upstream = {:?}\nupstream_tls = \"tls\"\n",
-            upstream.host_port()
-        ),
-    )
-    .await
-    .expect("start the proxy");
-    let mut served = 0;
-    for _ in 0..20 {
-        let tcp = connect(proxy.route).await.unwrap();
-        if ping(tcp).await.is_ok() {
-            served += 1;
-        }
-    }
-    // A burst of twice the rate, plus what refills while the loop runs.
-    assert!((4..20).contains(&served), "{served} of 20 served");
+/// A plain tcp route to `upstream` with `limits.connect_rate_per_ip = 2` and `extra` route keys.
+async fn rate_limited_route(pki: &Pki, upstream: &FakeUpstream, extra: &str) -> Running {
+    let route = format!(
+        "listen = \"127.0.0.1:0\"\nprotocol = \"tcp\"\ndevice_tls = \"plain\"\n\
+         upstream = {:?}\nupstream_tls = \"tls\"\n{extra}",
+        upstream.host_port()
+    );
+    let limits = "[admin]\nlisten = \"\"\n[limits]\nconnect_rate_per_ip = 2\n";
+    Running::start(pki, limits, &route)
+        .await
+        .expect("start the proxy")
+}
+
+/// Connections refused as `rate_limited` so far, and the metric line that says so.
+fn rate_limited(proxy: &Running) -> (usize, String) {
     let metrics = proxy.shared.sinks.metrics.render(None);
     let refused = metrics
         .lines()
@@ -337,7 +327,26 @@ async fn a_connect_storm_from_one_address_is_rate_limited_and_counted() {
         })
         .unwrap_or_else(|| panic!("no rate_limited series:\n{metrics}"));
     let count: f64 = refused.rsplit(' ').next().unwrap().parse().unwrap();
-    assert_eq!(count as usize, 20 - served, "{refused}");
+    (count as usize, refused.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_storm_from_one_address_is_rate_limited_and_counted() {
+    init_logging();
+    let pki = Pki::new().expect("test PKI");
+    let upstream = echo_upstream(&pki).await;
+    let proxy = rate_limited_route(&pki, &upstream, "").await;
+    let mut served = 0;
+    for _ in 0..20 {
+        let tcp = connect(proxy.route).await.unwrap();
+        if ping(tcp).await.is_ok() {
+            served += 1;
+        }
+    }
+    // A burst of twice the rate, plus what refills while the loop runs.
+    assert!((4..20).contains(&served), "{served} of 20 served");
+    let (count, refused) = rate_limited(&proxy);
+    assert_eq!(count, 20 - served, "{refused}");
     assert!(log_text().contains("rate_limited"));
     proxy.stop().await.expect("stop");
 }
@@ -347,18 +356,8 @@ async fn behind_a_balancer_the_rate_limit_counts_the_address_in_the_proxy_header
     init_logging();
     let pki = Pki::new().expect("test PKI");
     let upstream = echo_upstream(&pki).await;
-    let proxy = Running::start(
-        &pki,
-        "[admin]\nlisten = \"\"\n[limits]\nconnect_rate_per_ip = 2\n",
-        &format!(
-            "listen = \"127.0.0.1:0\"\nprotocol = \"tcp\"\ndevice_tls = \"plain\"\n\
-             upstream = {:?}\nupstream_tls = \"tls\"\nproxy_protocol = true\n\
-             proxy_from = [\"127.0.0.0/8\"]\n",
-            upstream.host_port()
-        ),
-    )
-    .await
-    .expect("start the proxy");
+    let balancer = "proxy_protocol = true\nproxy_from = [\"127.0.0.0/8\"]\n";
+    let proxy = rate_limited_route(&pki, &upstream, balancer).await;
     // Every connection comes from the balancer (127.0.0.1); the header names the device.
     let from = |device: &str| {
         let route = proxy.route;
@@ -379,16 +378,8 @@ async fn behind_a_balancer_the_rate_limit_counts_the_address_in_the_proxy_header
     from("10.9.9.9")
         .await
         .expect("another device behind the same balancer is not limited");
-    let metrics = proxy.shared.sinks.metrics.render(None);
-    let refused = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("tlsbridge_refused_connections_total")
-                && l.contains("reason=\"rate_limited\"")
-        })
-        .unwrap_or_else(|| panic!("no rate_limited series:\n{metrics}"));
-    let count: f64 = refused.rsplit(' ').next().unwrap().parse().unwrap();
-    assert_eq!(count as usize, 20 - served, "{refused}");
+    let (count, refused) = rate_limited(&proxy);
+    assert_eq!(count, 20 - served, "{refused}");
     proxy.stop().await.expect("stop");
 }
 
