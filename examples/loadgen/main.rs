@@ -113,6 +113,10 @@ struct Args {
     /// profile of idle connections (`valgrind --tool=massif`).
     #[arg(long, default_value_t = 0, value_name = "N")]
     count_idle: usize,
+    /// Seconds to wait after those idle connections close, before SIGTERM (count scenario): a
+    /// heap profile then shows what outlives a burst.
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    count_settle: u64,
     /// Direction of those MiB: up (device to upstream) or down.
     #[arg(long, default_value = "down", value_name = "up|down")]
     count_direction: String,
@@ -1084,6 +1088,7 @@ async fn count_scenario(
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         close_many(open, 8).await;
+        tokio::time::sleep(Duration::from_secs(args.count_settle)).await;
     }
     let pid = proxy.pid().to_string();
     let status = Command::new("kill").args(["-TERM", &pid]).status()?;
