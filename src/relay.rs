@@ -141,13 +141,13 @@ impl Leg for tokio_openssl::SslStream<TcpStream> {
     }
 }
 
-impl Leg for tokio_rustls::client::TlsStream<TcpStream> {
+impl Leg for crate::tls::client::ClientStream {
     fn poll_bare_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(self.tcp_mut()).poll_shutdown(cx)
     }
 
     fn reset(&self) {
-        let _ = self.get_ref().0.set_zero_linger();
+        let _ = self.tcp().set_zero_linger();
     }
 }
 

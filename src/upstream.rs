@@ -8,17 +8,17 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
-use tokio_rustls::client::TlsStream;
 
 mod dns;
 
 use crate::outcome::{Failure, Outcome, UpstreamFailure};
 use crate::protocol::{self, Dialect, LineConn, UpstreamDialogError};
+use crate::tls::client::ClientStream;
 use crate::tls::modern::{self, ModernConnector, UpstreamTls};
 
 /// An established upstream leg, ready for the greeting phase and the relay.
 pub struct UpstreamLeg {
-    pub stream: TlsStream<TcpStream>,
+    pub stream: ClientStream,
     /// The greeting the upstream sent (before STARTTLS, or first thing after implicit TLS).
     pub greeting: Vec<u8>,
     /// Bytes after an implicit-TLS greeting: inside TLS, so they belong to the session.
@@ -170,7 +170,7 @@ async fn establish_inner(
             }
         }
     };
-    let tls = UpstreamTls::of(stream.get_ref().1, started.elapsed());
+    let tls = UpstreamTls::of(stream.tls_state(), started.elapsed());
     Ok(UpstreamLeg {
         stream,
         greeting,

@@ -11,9 +11,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
+use super::client::ClientStream;
 use crate::config::{ModernVersion, UpstreamTlsConfig};
 use crate::outcome::UpstreamFailure;
 
@@ -55,10 +54,10 @@ impl ModernConnector {
         &self,
         host: &str,
         tcp: TcpStream,
-    ) -> std::io::Result<TlsStream<TcpStream>> {
+    ) -> std::io::Result<ClientStream> {
         let name = ServerName::try_from(host.to_string())
             .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?;
-        TlsConnector::from(self.config()).connect(name, tcp).await
+        ClientStream::connect(self.config(), name, tcp).await
     }
 }
 
@@ -249,7 +248,7 @@ pub struct UpstreamTls {
 }
 
 impl UpstreamTls {
-    pub fn of(session: &rustls::ClientConnection, handshake: std::time::Duration) -> UpstreamTls {
+    pub fn of(session: &rustls::CommonState, handshake: std::time::Duration) -> UpstreamTls {
         let version = match session.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
