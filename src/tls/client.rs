@@ -6,6 +6,7 @@
 //! the socket is readable, and each buffer is freed as soon as it is empty. A partial record
 //! between two reads, or bytes the socket did not take, are all that is ever kept.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -23,6 +24,12 @@ use tokio::net::TcpStream;
 const READ_SIZE: usize = 16 * 1024 + 2048 + 5;
 /// Plaintext encrypted per write call: one full record.
 const WRITE_SIZE: usize = 16 * 1024;
+
+thread_local! {
+    /// Where a write's records are sealed before they go to the socket: what the socket takes
+    /// at once never touches the connection's own heap.
+    static SEALED: RefCell<Vec<u8>> = RefCell::new(vec![0; WRITE_SIZE + 1024]);
+}
 
 /// A verified TLS client connection over TCP (the handshake is done by `connect`).
 pub struct ClientStream {
@@ -95,7 +102,7 @@ impl ClientStream {
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            let stop = self.process(&[])?;
+            let stop = self.process(&[], None)?;
             ready!(self.poll_send(cx))?;
             if !self.conn.is_handshaking() {
                 return Poll::Ready(Ok(()));
@@ -108,9 +115,10 @@ impl ClientStream {
     }
 
     /// Processes the records in `incoming` until the connection waits for the peer or is ready
-    /// for traffic, then encrypts what it can of `data`. Handshake records go to `outgoing`,
-    /// decrypted ones to `plaintext`.
-    fn process(&mut self, data: &[u8]) -> io::Result<Stop> {
+    /// for traffic, then encrypts what it can of `data` and offers it to the socket. Handshake
+    /// records and what the socket did not take go to `outgoing`; decrypted bytes to `out` as
+    /// far as it has room, the rest to `plaintext`.
+    fn process(&mut self, data: &[u8], mut out: Option<&mut ReadBuf<'_>>) -> io::Result<Stop> {
         loop {
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(&mut self.incoming);
@@ -131,8 +139,14 @@ impl ClientStream {
                 }
                 ConnectionState::ReadTraffic(mut records) => {
                     while let Some(record) = records.next_record() {
-                        let record = record.map_err(tls_error)?;
-                        self.plaintext.extend_from_slice(record.payload);
+                        let mut payload = record.map_err(tls_error)?.payload;
+                        if let Some(out) = out.as_deref_mut().filter(|_| self.plaintext.is_empty())
+                        {
+                            let direct = payload.len().min(out.remaining());
+                            out.put_slice(&payload[..direct]);
+                            payload = &payload[direct..];
+                        }
+                        self.plaintext.extend_from_slice(payload);
                     }
                     None
                 }
@@ -148,8 +162,11 @@ impl ClientStream {
                 ConnectionState::WriteTraffic(mut traffic) => {
                     let data = &data[..data.len().min(WRITE_SIZE)];
                     if !data.is_empty() {
-                        append(&mut self.outgoing, data.len() + 256, |room| {
-                            traffic.encrypt(data, room).map_err(needed)
+                        SEALED.with_borrow_mut(|sealed| {
+                            let len = traffic.encrypt(data, sealed).map_err(|err| {
+                                io::Error::other(format!("cannot encrypt: {err:?}"))
+                            })?;
+                            offer(&self.tcp, &mut self.outgoing, &sealed[..len])
                         })?;
                     } else if self.closing && !self.close_queued {
                         append(&mut self.outgoing, 64, |room| {
@@ -174,7 +191,8 @@ impl ClientStream {
     /// Writes `outgoing` to the socket; ready once it is all written (then it is freed).
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.outgoing.len() {
-            let written = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing[self.sent..]))?;
+            let written =
+                ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing[self.sent..]))?;
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -237,11 +255,15 @@ impl AsyncRead for ClientStream {
             if this.peer_closed {
                 return Poll::Ready(Ok(()));
             }
-            this.process(&[])?;
+            let filled = buf.filled().len();
+            this.process(&[], Some(buf))?;
             // Handshake messages after the handshake (TLS 1.3 tickets, key updates) may want
             // an answer; never wait on it here, so a full send buffer cannot stall reading.
             if let Poll::Ready(Err(err)) = this.poll_send(cx) {
                 return Poll::Ready(Err(err));
+            }
+            if buf.filled().len() > filled {
+                return Poll::Ready(Ok(()));
             }
             if this.taken < this.plaintext.len() || this.peer_closed {
                 continue;
@@ -263,9 +285,9 @@ impl AsyncWrite for ClientStream {
         let this = self.get_mut();
         // At most one batch in flight: the socket takes the last one before more is encrypted.
         ready!(this.poll_send(cx))?;
-        match this.process(data)? {
+        match this.process(data, None)? {
             Stop::Traffic(taken) => {
-                // Start sending now; what the socket does not take waits for the next call.
+                // What the socket did not take waits for the next call; be woken when it can.
                 if let Poll::Ready(Err(err)) = this.poll_send(cx) {
                     return Poll::Ready(Err(err));
                 }
@@ -288,11 +310,27 @@ impl AsyncWrite for ClientStream {
         if !this.closing {
             ready!(this.poll_send(cx))?;
             this.closing = true;
-            this.process(&[])?;
+            this.process(&[], None)?;
         }
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
+}
+
+/// Writes `sealed` records to `tcp` as far as it takes them now (nothing goes ahead of bytes
+/// already waiting in `outgoing`); keeps the rest in `outgoing`.
+fn offer(tcp: &TcpStream, outgoing: &mut Vec<u8>, sealed: &[u8]) -> io::Result<()> {
+    let written = if outgoing.is_empty() {
+        match tcp.try_write(sealed) {
+            Ok(written) => written,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(err) => return Err(err),
+        }
+    } else {
+        0
+    };
+    outgoing.extend_from_slice(&sealed[written..]);
+    Ok(())
 }
 
 /// Lets `write` fill room at the end of `buf`: `guess` bytes first, then as many as it says it
@@ -329,4 +367,140 @@ fn needed(err: EncryptError) -> Option<usize> {
 
 fn tls_error(err: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use rustls::{RootCertStore, ServerConfig, SupportedProtocolVersion};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A rustls server for `upstream.test` speaking `version`, and a client config trusting it.
+    fn pki(version: &'static SupportedProtocolVersion) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+        let pair = rcgen::generate_simple_self_signed(vec!["upstream.test".into()]).unwrap();
+        let cert = CertificateDer::from(pair.cert.der().to_vec());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pair.signing_key.serialize_der()));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    fn name() -> ServerName<'static> {
+        ServerName::try_from("upstream.test").unwrap()
+    }
+
+    /// An echo server until close_notify, which it answers with its own.
+    async fn echo_server(server: Arc<ServerConfig>) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = tokio_rustls::TlsAcceptor::from(server)
+                .accept(tcp)
+                .await
+                .unwrap();
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => tls.write_all(&buf[..n]).await.unwrap(),
+                }
+            }
+            let _ = tls.shutdown().await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_holds_no_buffer_and_closes_cleanly() {
+        for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+            let (server, client) = pki(version);
+            let tcp = TcpStream::connect(echo_server(server).await).await.unwrap();
+            let mut tls = ClientStream::connect(client, name(), tcp).await.unwrap();
+            let sent: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+            let mut echoed = vec![0u8; sent.len()];
+            let (mut reader, mut writer) = tokio::io::split(tls);
+            let (write, read) =
+                tokio::join!(writer.write_all(&sent), reader.read_exact(&mut echoed));
+            write.unwrap();
+            read.unwrap();
+            assert_eq!(echoed, sent, "{version:?}");
+            tls = reader.unsplit(writer);
+            let held = (
+                tls.incoming.capacity(),
+                tls.plaintext.capacity(),
+                tls.outgoing.capacity(),
+            );
+            assert_eq!(
+                held,
+                (0, 0, 0),
+                "{version:?}: an idle stream holds no buffer"
+            );
+            tls.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            tls.read_to_end(&mut rest).await.unwrap();
+            assert!(
+                rest.is_empty() && tls.peer_closed,
+                "{version:?}: a clean end"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bare_fin_and_garbage_are_errors() {
+        let (server, client) = pki(&rustls::version::TLS13);
+        // A server that ends without close_notify, then one that sends bytes that are not TLS.
+        for tail in [&b""[..], b"\x17\x03\x03\x00\x05hello"] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = server.clone();
+            tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut tls = tokio_rustls::TlsAcceptor::from(server)
+                    .accept(tcp)
+                    .await
+                    .unwrap();
+                tls.get_mut().0.write_all(tail).await.unwrap();
+                tls.get_mut().0.shutdown().await.unwrap();
+            });
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut tls = ClientStream::connect(client.clone(), name(), tcp)
+                .await
+                .unwrap();
+            let err = tls.read(&mut [0u8; 64]).await.unwrap_err();
+            let expected = match tail.is_empty() {
+                true => io::ErrorKind::UnexpectedEof,
+                false => io::ErrorKind::InvalidData,
+            };
+            assert_eq!(err.kind(), expected, "{err}");
+        }
+        // Garbage instead of a ServerHello fails the handshake, without waiting.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let _ = tcp.write_all(b"220 smtp.example ESMTP\r\n").await;
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let err = match ClientStream::connect(client, name(), tcp).await {
+            Ok(_) => panic!("a handshake with a plaintext greeting succeeded"),
+            Err(err) => err,
+        };
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
 }

@@ -50,11 +50,7 @@ impl ModernConnector {
     }
 
     /// The TLS handshake over an established TCP connection, verifying `host`.
-    pub async fn connect(
-        &self,
-        host: &str,
-        tcp: TcpStream,
-    ) -> std::io::Result<ClientStream> {
+    pub async fn connect(&self, host: &str, tcp: TcpStream) -> std::io::Result<ClientStream> {
         let name = ServerName::try_from(host.to_string())
             .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?;
         ClientStream::connect(self.config(), name, tcp).await
