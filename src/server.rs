@@ -181,12 +181,15 @@ pub fn run_until_signalled(config: Config, log_format: Option<LogFormat>) -> Res
     crate::logging::init(&config.log.level, log_format.unwrap_or(config.log.format))
         .map_err(ConfigError::from_anyhow)?;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let shutdown = crate::signals::shutdown();
         let server = Server::bind(config).await?;
         crate::signals::reload_on_hangup(server.shared());
         server.run(shutdown).await
-    })
+    });
+    drop(runtime);
+    crate::logging::flush();
+    result
 }
 
 /// A full house needs two descriptors per session (device and upstream) plus a few: raise the

@@ -28,6 +28,7 @@ pub fn shutdown() -> impl std::future::Future<Output = ()> {
                 _ = int.recv() => {},
             }
             warn!("second signal: exiting now");
+            crate::logging::flush();
             std::process::exit(1);
         });
     }

@@ -90,11 +90,25 @@ impl Running {
 }
 
 impl Drop for Running {
+    /// SIGTERM first, so that a master process (nginx) takes its workers with it; SIGKILL if
+    /// it is still there 2 s later.
     fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
+        let Some(child) = &mut self.child else {
+            return;
+        };
+        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+            // SAFETY: a plain kill(2) on our own child, which has not been waited for yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
         }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

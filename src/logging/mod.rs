@@ -27,15 +27,29 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`.
+mod batch;
+
+/// Installs the global subscriber, writing to standard output in batches (`flush` before the
+/// process ends). `RUST_LOG`, when set, wins over `level`.
 pub fn init(level: &str, format: LogFormat) -> anyhow::Result<()> {
     use std::io::IsTerminal;
+    let stdout = batch::stdout()?;
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        stdout.try_flush();
+        previous(info)
+    }));
     init_with(
         level,
         format,
         std::io::stdout().is_terminal(),
-        std::io::stdout,
+        batch::Lines(stdout),
     )
+}
+
+/// Writes out the log lines not yet written.
+pub fn flush() {
+    batch::flush_stdout();
 }
 
 /// Like `init`, with colours only when `ansi` (a terminal, not a log file or journald).
