@@ -158,3 +158,67 @@ async fn tcp_truncated_upstream_is_not_a_clean_close() {
         "an upstream FIN without close_notify must not become a close_notify to the device"
     );
 }
+
+/// TLS 1.0 with a CBC suite: each write to the device is one record, with no empty record
+/// before it (the BEAST countermeasure some old device stacks cannot parse; the acceptor sets
+/// `DONT_INSERT_EMPTY_FRAGMENTS`). A tap between device and proxy records what the device gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls10_records_to_the_device_come_without_empty_fragments() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    crate::support::init_logging();
+    let pki = Pki::new().expect("test PKI");
+    let (_upstream, proxy) = echo_setup(&pki, EchoMode::Streaming).await;
+    let tap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tap_addr = tap.local_addr().unwrap();
+    let proxy_addr = proxy.addr("https");
+    let recorded = tokio::spawn(async move {
+        let (device, _) = tap.accept().await.unwrap();
+        let to_proxy = tokio::net::TcpStream::connect(proxy_addr).await.unwrap();
+        let (mut device_read, mut device_write) = device.into_split();
+        let (mut proxy_read, mut proxy_write) = to_proxy.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut device_read, &mut proxy_write).await;
+            let _ = proxy_write.shutdown().await;
+        });
+        let mut to_device = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = proxy_read.read(&mut buf).await {
+            if n == 0 || device_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+            to_device.extend_from_slice(&buf[..n]);
+        }
+        let _ = device_write.shutdown().await;
+        to_device
+    });
+    let tcp = connect(tap_addr).await.expect("connect to the tap");
+    let mut stream = tls_connect(tcp, Legacy::Tls10, &proxy.verify(), "localhost")
+        .await
+        .expect("TLS 1.0 handshake");
+    let (_, cipher) = crate::support::device::tls_info(&stream);
+    assert!(
+        cipher.contains("SHA") && !cipher.contains("GCM"),
+        "a CBC suite: {cipher}"
+    );
+    stream.write_all(b"hello").await.unwrap();
+    let mut echoed = [0u8; 5];
+    stream.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"hello");
+    drop(stream);
+    let bytes = tokio::time::timeout(Duration::from_secs(10), recorded)
+        .await
+        .expect("the tap ends")
+        .unwrap();
+    // TLS records: type, version (2), length (2), body. Count application data (23).
+    let (mut at, mut application) = (0, 0);
+    while at + 5 <= bytes.len() {
+        if bytes[at] == 23 {
+            application += 1;
+        }
+        at += 5 + usize::from(u16::from_be_bytes([bytes[at + 3], bytes[at + 4]]));
+    }
+    assert_eq!(
+        application, 1,
+        "one record for one echo, no empty record before it"
+    );
+}
