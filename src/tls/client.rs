@@ -403,16 +403,28 @@ mod tests {
         ServerName::try_from("upstream.test").unwrap()
     }
 
-    /// An echo server until close_notify, which it answers with its own.
-    async fn echo_server(server: Arc<ServerConfig>) -> std::net::SocketAddr {
+    /// A rustls server for one connection; `then` gets it once the handshake is done.
+    async fn serve_once<F, Fut>(server: Arc<ServerConfig>, then: F) -> std::net::SocketAddr
+    where
+        F: FnOnce(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let mut tls = tokio_rustls::TlsAcceptor::from(server)
+            let tls = tokio_rustls::TlsAcceptor::from(server)
                 .accept(tcp)
                 .await
                 .unwrap();
+            then(tls).await;
+        });
+        addr
+    }
+
+    /// An echo server until close_notify, which it answers with its own.
+    async fn echo_server(server: Arc<ServerConfig>) -> std::net::SocketAddr {
+        serve_once(server, |mut tls| async move {
             let mut buf = vec![0u8; 4096];
             loop {
                 match tls.read(&mut buf).await {
@@ -421,8 +433,8 @@ mod tests {
                 }
             }
             let _ = tls.shutdown().await;
-        });
-        addr
+        })
+        .await
     }
 
     #[tokio::test]
@@ -465,18 +477,11 @@ mod tests {
         let (server, client) = pki(&rustls::version::TLS13);
         // A server that ends without close_notify, then one that sends bytes that are not TLS.
         for tail in [&b""[..], b"\x17\x03\x03\x00\x05hello"] {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let server = server.clone();
-            tokio::spawn(async move {
-                let (tcp, _) = listener.accept().await.unwrap();
-                let mut tls = tokio_rustls::TlsAcceptor::from(server)
-                    .accept(tcp)
-                    .await
-                    .unwrap();
+            let addr = serve_once(server.clone(), move |mut tls| async move {
                 tls.get_mut().0.write_all(tail).await.unwrap();
                 tls.get_mut().0.shutdown().await.unwrap();
-            });
+            })
+            .await;
             let tcp = TcpStream::connect(addr).await.unwrap();
             let mut tls = ClientStream::connect(client.clone(), name(), tcp)
                 .await
