@@ -122,7 +122,14 @@ impl ClientStream {
         loop {
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(&mut self.incoming);
-            let stop = match state.map_err(tls_error)? {
+            let state = match state {
+                Ok(state) => state,
+                Err(err) => {
+                    self.send_alert();
+                    return Err(tls_error(err));
+                }
+            };
+            let stop = match state {
                 ConnectionState::EncodeTlsData(mut encode) => {
                     append(&mut self.outgoing, 512, |room| {
                         encode.encode(room).map_err(|err| match err {
@@ -186,6 +193,19 @@ impl ClientStream {
                 return Ok(stop);
             }
         }
+    }
+
+    /// After an error: the alert rustls queued for the peer goes out if the socket takes it
+    /// now (the connection is over either way).
+    fn send_alert(&mut self) {
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) =
+            self.conn.process_tls_records(&mut []).state
+        {
+            let _ = append(&mut self.outgoing, 64, |room| {
+                encode.encode(room).map_err(|_| None)
+            });
+        }
+        let _ = self.tcp.try_write(&self.outgoing[self.sent..]);
     }
 
     /// Writes `outgoing` to the socket; ready once it is all written (then it is freed).
@@ -473,7 +493,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_bare_fin_and_garbage_are_errors() {
+    async fn a_bare_fin_garbage_and_an_untrusted_server_are_errors() {
         let (server, client) = pki(&rustls::version::TLS13);
         // A server that ends without close_notify, then one that sends bytes that are not TLS.
         for tail in [&b""[..], b"\x17\x03\x03\x00\x05hello"] {
@@ -493,6 +513,30 @@ mod tests {
             };
             assert_eq!(err.kind(), expected, "{err}");
         }
+        // A server the client does not trust hears why, in an alert.
+        let (untrusted, _) = pki(&rustls::version::TLS13);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heard = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let err = match tokio_rustls::TlsAcceptor::from(untrusted).accept(tcp).await {
+                Ok(_) => panic!("an untrusted server's handshake succeeded"),
+                Err(err) => err,
+            };
+            err.into_inner()
+                .and_then(|e| e.downcast::<rustls::Error>().ok())
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let refused = ClientStream::connect(client.clone(), name(), tcp).await;
+        assert_eq!(
+            refused.err().map(|e| e.kind()),
+            Some(io::ErrorKind::InvalidData)
+        );
+        let alert = heard.await.unwrap();
+        assert!(
+            matches!(alert.as_deref(), Some(rustls::Error::AlertReceived(_))),
+            "the server got {alert:?}"
+        );
         // Garbage instead of a ServerHello fails the handshake, without waiting.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
