@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::support::ca::{Leaf, Pki};
 use crate::support::ops::{field, is_audit, Process};
 use crate::support::peers::{
-    free_port, is_root, missing, require, run, user_ids, Daemon, Output, PROGRAM_TIMEOUT,
+    free_ports, is_root, missing, require, run, user_ids, Daemon, Output, PROGRAM_TIMEOUT,
     START_TIMEOUT,
 };
 use crate::support::proxy::{Proxy, Route, Settings};
@@ -399,7 +399,7 @@ impl Dovecot {
         let key = base.join("dovecot.key");
         std::fs::write(&cert, &leaf.chain_pem).context("write the dovecot certificate")?;
         std::fs::write(&key, &leaf.key_pem).context("write the dovecot key")?;
-        let (imap, imaps, pop3, pop3s) = (free_port()?, free_port()?, free_port()?, free_port()?);
+        let [imap, imaps, pop3, pop3s] = free_ports::<4>()?;
         let log = base.join("dovecot.log");
         let config = format!(
             r#"protocols = imap pop3

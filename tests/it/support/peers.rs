@@ -75,12 +75,19 @@ pub fn user_ids(user: &str) -> Result<(u32, u32)> {
     bail!("no user {user:?} in /etc/passwd")
 }
 
-/// A free port on 127.0.0.1 for an outside server that cannot report the one it bound (the
-/// listener is dropped at once; another process could take the port in between, which is
-/// acceptable for a test).
-pub fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(listener.local_addr().context("local_addr")?.port())
+/// `N` distinct free ports on 127.0.0.1 for an outside server that cannot report the ones it
+/// bound. All N are held until the last is picked (a port released at once can come back from
+/// the next bind); then they are released, and another process could take one in between,
+/// which is acceptable for a test.
+pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0u16; N];
+    for port in &mut ports {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+        *port = listener.local_addr().context("local_addr")?.port();
+        held.push(listener);
+    }
+    Ok(ports)
 }
 
 /// What a finished program wrote and how it ended.
