@@ -366,6 +366,16 @@ for _ in $(seq 1 100); do [ -s "$run/upstream.port" ] && break; sleep 0.1; done
 up_port=$(cat "$run/upstream.port")
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# logged CONTAINER PATTERN: the container's log has PATTERN within 5 s (tlsbridge writes its log
+# lines in batches, at most 50 ms after they happen).
+logged() {
+  local i
+  for i in $(seq 50); do
+    $docker logs "$1" 2>&1 | grep -q -- "$2" && return 0
+    sleep 0.1
+  done
+  return 1
+}
 route_env() { # route_env NAME LISTEN_PORT: a tcp route to the local upstream, as TLSBRIDGE__ROUTE
   printf '[{name="%s", listen="127.0.0.1:%s", protocol="tcp", device_tls="tls", upstream="127.0.0.1:%s", upstream_tls="tls"}]' "$1" "$2" "$up_port"
 }
@@ -500,7 +510,7 @@ if wait "$held"; then
 else
   fail "the held session was cut: $(cat "$run/held.log")"
 fi
-check "the log says it drained" grep -q 'draining' <($docker logs tlsbridge-ci-env 2>&1)
+check "the log says it drained" logged tlsbridge-ci-env 'draining'
 before=$(inventory_connections "$state_dir/inventory.json" 2>/dev/null || echo 0)
 check "state/inventory.json saved at stop, owned by 65532, mode 0600 ($before connections)" \
   test "$(stat -c '%u %a' "$state_dir/inventory.json" 2>/dev/null)" = "65532 600"
@@ -545,7 +555,7 @@ else
   fail "mounted config file: TLS 1.0 device session"
 fi
 check "mounted config file: its log.format = json is in effect" \
-  grep -q '"route":"from-file"' <($docker logs tlsbridge-ci-file 2>&1)
+  logged tlsbridge-ci-file '"route":"from-file"'
 ca_fp2=$(openssl x509 -in "$certs_dir/ca.crt" -noout -fingerprint -sha256 | cut -d= -f2)
 check "certs volume persists across docker rm + a new container (same CA, SHA-256 ${ca_fp:0:23}...)" \
   test "$ca_fp" = "$ca_fp2"
@@ -577,7 +587,7 @@ else
   fail "legacy-ciphers image and a 3DES-only device: $out"
 fi
 check "legacy-ciphers image logs the device as legacy_client with DES-CBC3-SHA" \
-  grep -q 'DES-CBC3-SHA' <($docker logs tlsbridge-ci-legacy 2>&1)
+  logged tlsbridge-ci-legacy 'DES-CBC3-SHA'
 stop_check "docker stop (legacy-ciphers container)" tlsbridge-ci-legacy $docker stop -t 45 tlsbridge-ci-legacy
 $docker rm -v tlsbridge-ci-legacy >/dev/null
 if [ "${CONTAINER_TEST_STOP_AFTER:-}" = run ]; then exit "$((failures > 0))"; fi
@@ -636,7 +646,7 @@ else
   fail "compose: TLS 1.0 device session"
 fi
 check "compose: JSON log (the shipped tlsbridge.toml) records the session" \
-  grep -q '"route":"compose"' <("${compose[@]}" logs --no-color tlsbridge 2>&1)
+  logged "$cid" '"route":"compose"'
 stop_check "compose: docker-compose stop" "$cid" "${compose[@]}" stop
 cleanup_compose
 
