@@ -6,7 +6,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use tlsbridge::protocol::{self, Dialect, LineConn, MAX_AUTH_LINE};
-use tokio::io::AsyncWriteExt;
+
+mod peer;
 
 /// The upstream's EHLO reply after TLS, as the device is shown it (SMTP).
 const UPSTREAM_EHLO: [&str; 3] = ["outlook.office365.com", "SIZE 157286400", "AUTH XOAUTH2"];
@@ -18,23 +19,10 @@ fuzz_target!(|data: &[u8]| {
     let dialect = [Dialect::Smtp, Dialect::Imap, Dialect::Pop3][usize::from(pick % 3)];
     let required = pick & 0x80 == 0;
     let ehlo: Vec<String> = UPSTREAM_EHLO.iter().map(|l| l.to_string()).collect();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let (ours, mut device) = tokio::io::duplex(64 * 1024);
-        let input = input.to_vec();
-        let writer = tokio::spawn(async move {
-            let _ = device.write_all(&input).await;
-            let _ = device.shutdown().await;
-            // Keep reading so replies never block the dialog.
-            let mut sink = tokio::io::sink();
-            let _ = tokio::io::copy(&mut device, &mut sink).await;
-        });
+    peer::against(input, |ours| async move {
         let mut conn = LineConn::with_max_line(ours, MAX_AUTH_LINE);
         let _ = protocol::device_until_login(dialect, &mut conn, "fuzz", &ehlo, required).await;
         let (_, pipelined) = conn.into_parts();
         assert!(pipelined.len() <= MAX_AUTH_LINE);
-        let _ = writer.await;
     });
 });

@@ -50,6 +50,9 @@ fuzz_target!(|data: &[u8]| {
     if dialect != Some(Dialect::Pop3) {
         whole.from_device(&up);
         whole.from_upstream(&down);
-        assert_eq!(chunked.upstream_said_goodbye(), whole.upstream_said_goodbye());
+        assert_eq!(
+            chunked.upstream_said_goodbye(),
+            whole.upstream_said_goodbye()
+        );
     }
 });

@@ -12,12 +12,16 @@ fuzz_target!(|data: &[u8]| {
     let (pattern, name) = text.split_once('\n').unwrap_or((&text, ""));
     if is_host_name(name) {
         assert!(
-            name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'),
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'),
             "{name:?}"
         );
     }
     if name_matches(pattern, name) {
         let suffix = pattern.trim_start_matches('*').to_ascii_lowercase();
-        assert!(name.to_ascii_lowercase().ends_with(&suffix), "{pattern:?} {name:?}");
+        assert!(
+            name.to_ascii_lowercase().ends_with(&suffix),
+            "{pattern:?} {name:?}"
+        );
     }
 });

@@ -5,7 +5,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use tlsbridge::protocol::{self, Dialect, LineConn};
-use tokio::io::AsyncWriteExt;
+
+mod peer;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&pick, input)) = data.split_first() else {
@@ -13,25 +14,12 @@ fuzz_target!(|data: &[u8]| {
     };
     let dialect = [Dialect::Smtp, Dialect::Imap, Dialect::Pop3][usize::from(pick % 3)];
     let greeting_only = pick & 0x80 != 0;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let (ours, mut upstream) = tokio::io::duplex(64 * 1024);
-        let input = input.to_vec();
-        let peer = tokio::spawn(async move {
-            let _ = upstream.write_all(&input).await;
-            let _ = upstream.shutdown().await;
-            let mut sink = tokio::io::sink();
-            let _ = tokio::io::copy(&mut upstream, &mut sink).await;
-        });
+    peer::against(input, |ours| async move {
         let mut conn = LineConn::new(ours);
         if greeting_only {
             let _ = protocol::upstream_greeting(dialect, &mut conn).await;
         } else {
             let _ = protocol::upstream_starttls(dialect, &mut conn, "fuzz.example").await;
         }
-        drop(conn);
-        let _ = peer.await;
     });
 });

@@ -72,20 +72,22 @@ where
     result.map_err(|err| anyhow::anyhow!("cannot install the logger: {err}"))
 }
 
-/// How events become lines, and what a span's fields are kept as in between.
+/// How events become lines, and how a span's fields are kept in between.
 trait LineFormat: Send + Sync + 'static {
-    type Fields: Send + 'static;
-    fn span_fields(&self, attrs: &Attributes<'_>) -> Self::Fields;
-    fn add_fields(&self, fields: &mut Self::Fields, values: &Record<'_>);
+    /// Formats a span's fields into the text kept for it.
+    type Fields: for<'w> FormatFields<'w> + Default + Send + Sync + 'static;
     /// One line, newline included; `spans` from the outermost in.
-    fn line(&self, event: &Event<'_>, spans: &[(&'static str, &Self::Fields)]) -> String;
+    fn line(&self, event: &Event<'_>, spans: &[(&'static str, &Kept<Self>)]) -> String;
 }
+
+/// A span's fields as kept until it closes.
+type Kept<F> = FormattedFields<<F as LineFormat>::Fields>;
 
 /// Writes every event as one line, with the fields of the spans it is in.
 struct LogLayer<F: LineFormat, W> {
     format: F,
     writer: W,
-    spans: Mutex<HashMap<Id, F::Fields>>,
+    spans: Mutex<HashMap<Id, Kept<F>>>,
 }
 
 impl<F: LineFormat, W> LogLayer<F, W> {
@@ -97,7 +99,7 @@ impl<F: LineFormat, W> LogLayer<F, W> {
         }
     }
 
-    fn spans(&self) -> std::sync::MutexGuard<'_, HashMap<Id, F::Fields>> {
+    fn spans(&self) -> std::sync::MutexGuard<'_, HashMap<Id, Kept<F>>> {
         self.spans.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -109,13 +111,14 @@ where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _ctx: Context<'_, S>) {
-        let fields = self.format.span_fields(attrs);
+        let mut fields = FormattedFields::new(String::new());
+        let _ = F::Fields::default().format_fields(fields.as_writer(), attrs);
         self.spans().insert(id.clone(), fields);
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, _ctx: Context<'_, S>) {
         if let Some(fields) = self.spans().get_mut(id) {
-            self.format.add_fields(fields, values);
+            let _ = F::Fields::default().add_fields(fields, values);
         }
     }
 
@@ -132,7 +135,7 @@ where
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         let line = {
             let spans = self.spans();
-            let scope: Vec<(&'static str, &F::Fields)> = ctx
+            let scope: Vec<(&'static str, &Kept<F>)> = ctx
                 .event_scope(event)
                 .into_iter()
                 .flat_map(|scope| scope.from_root())
@@ -172,19 +175,9 @@ impl Text {
 }
 
 impl LineFormat for Text {
-    type Fields = FormattedFields<DefaultFields>;
+    type Fields = DefaultFields;
 
-    fn span_fields(&self, attrs: &Attributes<'_>) -> Self::Fields {
-        let mut fields = FormattedFields::new(String::new());
-        let _ = DefaultFields::new().format_fields(fields.as_writer(), attrs);
-        fields
-    }
-
-    fn add_fields(&self, fields: &mut Self::Fields, values: &Record<'_>) {
-        let _ = DefaultFields::new().add_fields(fields, values);
-    }
-
-    fn line(&self, event: &Event<'_>, spans: &[(&'static str, &Self::Fields)]) -> String {
+    fn line(&self, event: &Event<'_>, spans: &[(&'static str, &Kept<Self>)]) -> String {
         let meta = event.metadata();
         let mut line = format!("{} {} ", timestamp(), self.level(meta.level()));
         for (name, fields) in spans {
@@ -211,19 +204,9 @@ struct FlatJson;
 
 impl LineFormat for FlatJson {
     /// A JSON object, as text: the smallest form to keep while the session lasts.
-    type Fields = FormattedFields<JsonFields>;
+    type Fields = JsonFields;
 
-    fn span_fields(&self, attrs: &Attributes<'_>) -> Self::Fields {
-        let mut fields = FormattedFields::new(String::new());
-        let _ = JsonFields::new().format_fields(fields.as_writer(), attrs);
-        fields
-    }
-
-    fn add_fields(&self, fields: &mut Self::Fields, values: &Record<'_>) {
-        let _ = JsonFields::new().add_fields(fields, values);
-    }
-
-    fn line(&self, event: &Event<'_>, spans: &[(&'static str, &Self::Fields)]) -> String {
+    fn line(&self, event: &Event<'_>, spans: &[(&'static str, &Kept<Self>)]) -> String {
         let mut object = Map::new();
         object.insert("timestamp".into(), timestamp().to_string().into());
         object.insert("level".into(), event.metadata().level().as_str().into());
