@@ -246,12 +246,16 @@ impl Inventory {
             Some(c) => c.last_seen.get(..10) != Some(today.as_str()),
             None => true,
         };
+        // The oldest day can only fall out of the window when a new one comes in.
+        let first_of_day = !state.days.contains_key(&today);
         let day = state.days.entry(today).or_default();
         *day.connections.entry(s.version.to_string()).or_insert(0) += 1;
         if new_today {
             day.devices += 1;
         }
-        prune_days(&mut state.days, at);
+        if first_of_day {
+            prune_days(&mut state.days, at);
+        }
         let known = state.clients.contains_key(&s.ip);
         if !known && !state.admit_new(s.ip, at) {
             // Counted in the day's numbers, but no new entry: a flood must not flush the
@@ -385,7 +389,10 @@ pub fn last_days(at: SystemTime, n: u64) -> Vec<String> {
 
 /// Drops the days older than the last [`MAX_DAYS`] (and any key that is not a date).
 fn prune_days(days: &mut BTreeMap<String, DayCounts>, at: SystemTime) {
-    let oldest = last_days(at, MAX_DAYS).swap_remove(0);
+    let oldest = day_of(
+        at.checked_sub(DAY * (MAX_DAYS as u32 - 1))
+            .unwrap_or(SystemTime::UNIX_EPOCH),
+    );
     days.retain(|day, _| day.as_str() >= oldest.as_str() && is_date(day));
 }
 
