@@ -214,32 +214,64 @@ impl LineFormat for Text {
 /// and never parsed again (two events per session made this a visible part of its cost).
 struct FlatJson;
 
-/// Field names with their values as JSON text.
-type JsonFields = Vec<(&'static str, String)>;
+/// Fields with their values as JSON text, in one string: `name NUL value NUL` for each, one
+/// value per name. Neither part holds a raw NUL (names come from the code; JSON escapes it),
+/// and one string per span is the least it can keep while the connection stays open.
+#[derive(Default)]
+struct JsonFields(String);
+
+impl JsonFields {
+    fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        let mut parts = self.0.split_terminator('\0');
+        std::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
+    }
+
+    /// Starts a field; its value follows (`push_str`), then `end`.
+    fn start(&mut self, name: &str) -> &mut String {
+        self.0.push_str(name);
+        self.0.push('\0');
+        &mut self.0
+    }
+
+    fn end(&mut self) {
+        self.0.push('\0');
+    }
+
+    /// Adds `from`'s fields, replacing any of the same name.
+    fn merge(&mut self, from: &JsonFields) {
+        for (name, value) in from.iter() {
+            if self.iter().any(|(have, _)| have == name) {
+                let mut kept = JsonFields::default();
+                for (other, value) in self.iter().filter(|(other, _)| *other != name) {
+                    kept.start(other).push_str(value);
+                    kept.end();
+                }
+                *self = kept;
+            }
+            self.start(name).push_str(value);
+            self.end();
+        }
+    }
+}
 
 impl LineFormat for FlatJson {
     type Kept = JsonFields;
 
     fn keep(&self, attrs: &Attributes<'_>) -> JsonFields {
-        let mut fields = JsonFields::new();
+        let mut fields = JsonFields::default();
         attrs.record(&mut JsonVisitor(&mut fields));
         fields
     }
 
     fn add(&self, kept: &mut JsonFields, values: &Record<'_>) {
-        let mut added = JsonFields::new();
+        let mut added = JsonFields::default();
         values.record(&mut JsonVisitor(&mut added));
-        for (name, value) in added {
-            match kept.iter_mut().find(|(have, _)| *have == name) {
-                Some(slot) => slot.1 = value,
-                None => kept.push((name, value)),
-            }
-        }
+        kept.merge(&added);
     }
 
     fn line(&self, event: &Event<'_>, spans: &[(&'static str, &JsonFields)]) -> String {
         let meta = event.metadata();
-        let mut own = JsonFields::new();
+        let mut own = JsonFields::default();
         event.record(&mut JsonVisitor(&mut own));
         let target = json_str(meta.target());
         let level = json_str(meta.level().as_str());
@@ -248,14 +280,10 @@ impl LineFormat for FlatJson {
         // level and timestamp, then the spans' from the outermost in. The sort is stable, so
         // the first of each name is the one kept.
         let mut fields: Vec<(&str, &str)> = vec![("target", &target)];
-        fields.extend(
-            own.iter()
-                .rev()
-                .map(|(name, value)| (*name, value.as_str())),
-        );
+        fields.extend(own.iter().collect::<Vec<_>>().into_iter().rev());
         fields.extend([("level", level.as_str()), ("timestamp", timestamp.as_str())]);
         for (_, kept) in spans {
-            fields.extend(kept.iter().map(|(name, value)| (*name, value.as_str())));
+            fields.extend(kept.iter());
         }
         fields.sort_by_key(|(name, _)| *name);
         fields.dedup_by_key(|(name, _)| *name);
@@ -318,37 +346,40 @@ impl fmt::Write for JsonEscaped<'_> {
 struct JsonVisitor<'a>(&'a mut JsonFields);
 
 impl JsonVisitor<'_> {
-    fn push(&mut self, field: &Field, value: String) {
-        self.0.push((field.name(), value));
+    fn push(&mut self, field: &Field, value: impl fmt::Display) {
+        let _ = write!(self.0.start(field.name()), "{value}");
+        self.0.end();
     }
 }
 
 impl Visit for JsonVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.push(field, json_str(value));
+        push_json_str(self.0.start(field.name()), value);
+        self.0.end();
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.push(field, value.to_string());
+        self.push(field, value);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.push(field, value.to_string());
+        self.push(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.push(field, value.to_string());
+        self.push(field, value);
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.push(field, Value::from(value).to_string());
+        self.push(field, Value::from(value));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        let mut text = String::from('"');
-        let _ = write!(JsonEscaped(&mut text), "{value:?}");
+        let text = self.0.start(field.name());
         text.push('"');
-        self.push(field, text);
+        let _ = write!(JsonEscaped(text), "{value:?}");
+        text.push('"');
+        self.0.end();
     }
 }
 
