@@ -257,8 +257,7 @@ impl UpstreamTls {
         let certificate_expiry = session
             .peer_certificates()
             .and_then(|chain| chain.first())
-            .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok())
-            .map(|(_, cert)| cert.validity().not_after.timestamp());
+            .and_then(|leaf| certificate_expiry(leaf));
         UpstreamTls {
             version,
             cipher,
@@ -266,6 +265,30 @@ impl UpstreamTls {
             certificate_expiry,
         }
     }
+}
+
+/// Certificates whose expiry was parsed, with it; the last [`KEEP`] (more upstream hosts than
+/// that are not expected).
+static PARSED: std::sync::Mutex<Vec<(Vec<u8>, Option<i64>)>> = std::sync::Mutex::new(Vec::new());
+const KEEP: usize = 8;
+
+/// The leaf certificate's expiry (Unix seconds), parsed once per certificate: resumed sessions
+/// show the same few certificates again and again, and parsing one cost about 1 % of a session.
+fn certificate_expiry(leaf: &[u8]) -> Option<i64> {
+    let mut parsed = PARSED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, expiry)) = parsed.iter().find(|(der, _)| der == leaf) {
+        return *expiry;
+    }
+    let expiry = x509_parser::parse_x509_certificate(leaf)
+        .ok()
+        .map(|(_, cert)| cert.validity().not_after.timestamp());
+    if parsed.len() == KEEP {
+        parsed.remove(0);
+    }
+    parsed.push((leaf.to_vec(), expiry));
+    expiry
 }
 
 /// Names a handshake failure, for metrics labels and the session outcome.
@@ -291,6 +314,28 @@ pub fn failure_cause(err: &std::io::Error) -> UpstreamFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_expiry_is_parsed_once_per_certificate_and_stays_right() {
+        let certs: Vec<(Vec<u8>, i64)> = (0..KEEP as i32 + 2)
+            .map(|i| {
+                let mut params = rcgen::CertificateParams::new(vec!["x.test".into()]).unwrap();
+                params.not_after = rcgen::date_time_ymd(2030 + i, 1, 1);
+                let key = rcgen::KeyPair::generate().unwrap();
+                let cert = params.self_signed(&key).unwrap();
+                (cert.der().to_vec(), params.not_after.unix_timestamp())
+            })
+            .collect();
+        // Twice round more certificates than are kept: each answer is the certificate's own.
+        for _ in 0..2 {
+            for (der, expiry) in &certs {
+                assert_eq!(certificate_expiry(der), Some(*expiry));
+                assert_eq!(certificate_expiry(der), Some(*expiry), "from the cache");
+            }
+        }
+        assert!(PARSED.lock().unwrap().len() <= KEEP);
+        assert_eq!(certificate_expiry(b"not a certificate"), None);
+    }
     use std::os::unix::fs::PermissionsExt;
     use std::time::Duration;
 
