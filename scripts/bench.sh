@@ -47,3 +47,13 @@ command="scripts/bench.sh${*:+ $*}"
 "$loadgen" --proxy-bin "$target/release/tlsbridge" --json "$target/bench/latest.json" \
   --command-line "$command (tlsbridge $revision; ulimit -n $(ulimit -n))" "$@" \
   | tee "$target/bench/latest.md"
+
+# The machine's speed at the time, for comparing runs made at different times (a shared host
+# can be 15 % slower one hour than the next): the cost of the signature every handshake makes.
+if command -v openssl >/dev/null; then
+  pin=()
+  if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then pin=(taskset -c 0); fi
+  "${pin[@]}" openssl speed -seconds 2 rsa2048 2>/dev/null |
+    awk '/^rsa 2048/ { printf "- Machine speed after the run: one RSA-2048 signature took %.3f ms on CPU 0 (`openssl speed rsa2048`); scripts/handshake-floor.sh measures the device handshake alone.\n", $4 * 1000 }' |
+    tee -a "$target/bench/latest.md"
+fi
