@@ -449,7 +449,8 @@ mod tests {
             let _outer = outer.enter();
             outer.record("peer", "first");
             outer.record("peer", "10.0.0.7:5000");
-            let inner = tracing::info_span!("leg", route = "inner", leg = "upstream");
+            // A NUL in a value must not split what the span keeps.
+            let inner = tracing::info_span!("leg", route = "inner", leg = "up\0stream");
             let _inner = inner.enter();
             let odd = "quote \" backslash \\ newline \n tab \t bell \x07 del \x7f é ✓";
             tracing::info!(
@@ -472,7 +473,7 @@ mod tests {
         let first: Value = serde_json::from_str(lines[0]).unwrap();
         assert_eq!(first["route"], "smtp", "the outer span's field wins");
         assert_eq!(first["peer"], "10.0.0.7:5000", "recorded twice: the last");
-        assert_eq!(first["leg"], "upstream");
+        assert_eq!(first["leg"], "up\0stream");
         assert!(first["odd"]
             .as_str()
             .unwrap()
