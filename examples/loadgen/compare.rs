@@ -1,7 +1,8 @@
 //! `--scenarios compare`: the same load against tlsbridge and, when they are installed, nginx
 //! (stream module), HAProxy and stunnel, each configured for tlsbridge's job: TLS 1.0 and up from
 //! devices with `DEFAULT:@SECLEVEL=0` and an RSA-2048 certificate, a verified TLS 1.2 connection
-//! to the upstream. Each proxy is a fresh process pinned to CPU 0 (`taskset -c 0`); the loadgen
+//! to the upstream (the others offer TLS 1.2 only, or 1.2 and 1.3 as tlsbridge does with
+//! `--contenders-offer-tls13`). Each proxy is a fresh process pinned to CPU 0 (`taskset -c 0`); the loadgen
 //! and its upstreams run on CPU 1 when scripts/bench.sh starts it.
 //!
 //! Per proxy, in this order: a warm-up, the RSS baseline, 2,000 idle relayed connections (RSS per
@@ -67,6 +68,18 @@ struct Files<'a> {
     key: PathBuf,
     /// The upstreams' CA.
     upstream_ca: &'a Path,
+    /// The other proxies offer TLS 1.3 upstream as well as 1.2.
+    offer_tls13: bool,
+}
+
+impl Files<'_> {
+    /// The highest TLS version the other proxies offer upstream.
+    fn upstream_max(&self) -> &'static str {
+        match self.offer_tls13 {
+            true => "TLSv1.3",
+            false => "TLSv1.2",
+        }
+    }
 }
 
 /// A running contender; dropping it kills the process.
@@ -199,11 +212,15 @@ fn nginx_config(f: &Files, up: &Upstreams, ports: &[SocketAddr; 3]) -> String {
             "  server {{\n    listen {listen} ssl; ssl_certificate {cert}; ssl_certificate_key {key};\n    \
              ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3; ssl_ciphers DEFAULT:@SECLEVEL=0;\n    \
              proxy_pass {upstream}; proxy_timeout 600s; proxy_half_close on;\n    \
-             proxy_ssl on; proxy_ssl_protocols TLSv1.2; proxy_ssl_verify on;\n    \
+             proxy_ssl on; proxy_ssl_protocols {protocols}; proxy_ssl_verify on;\n    \
              proxy_ssl_trusted_certificate {ca}; proxy_ssl_name localhost; proxy_ssl_server_name on;\n  }}",
             cert = f.cert.display(),
             key = f.key.display(),
             ca = f.upstream_ca.display(),
+            protocols = match f.offer_tls13 {
+                true => "TLSv1.2 TLSv1.3",
+                false => "TLSv1.2",
+            },
         );
     }
     conf.push_str("}\n");
@@ -222,9 +239,10 @@ fn haproxy_config(f: &Files, pem: &Path, up: &Upstreams, ports: &[SocketAddr; 3]
             conf,
             "frontend {name}\n  bind {listen} ssl crt {pem} ssl-min-ver TLSv1.0 ciphers DEFAULT:@SECLEVEL=0\n  \
              default_backend up_{name}\nbackend up_{name}\n  server up {upstream} ssl verify required \
-             ca-file {ca} verifyhost localhost sni str(localhost) ssl-min-ver TLSv1.2 ssl-max-ver TLSv1.2",
+             ca-file {ca} verifyhost localhost sni str(localhost) ssl-min-ver TLSv1.2 ssl-max-ver {max}",
             pem = pem.display(),
             ca = f.upstream_ca.display(),
+            max = f.upstream_max(),
         );
     }
     conf
@@ -242,12 +260,13 @@ fn stunnel_config(f: &Files, up: &Upstreams, ports: &[SocketAddr; 3]) -> String 
             "[device-{name}]\naccept = {listen}\nconnect = {hop}\ncert = {cert}\nkey = {key}\n\
              sslVersionMin = TLSv1\nsecurityLevel = 0\nciphers = DEFAULT:@SECLEVEL=0\n\
              [upstream-{name}]\nclient = yes\naccept = {hop}\nconnect = {upstream}\n\
-             sslVersionMin = TLSv1.2\nsslVersionMax = TLSv1.2\nverifyChain = yes\nCAfile = {ca}\n\
+             sslVersionMin = TLSv1.2\nsslVersionMax = {max}\nverifyChain = yes\nCAfile = {ca}\n\
              checkHost = localhost\nsni = localhost",
             hop = hop.display(),
             cert = f.cert.display(),
             key = f.key.display(),
             ca = f.upstream_ca.display(),
+            max = f.upstream_max(),
         );
     }
     conf
@@ -672,6 +691,7 @@ pub(crate) async fn run_compare(
         cert: certs.join("tlsbridge.crt"),
         key: certs.join("tlsbridge.key"),
         upstream_ca,
+        offer_tls13: args.contenders_offer_tls13,
     };
     let mut kinds = vec![(
         Kind::Tlsbridge("rsa2048"),
@@ -737,11 +757,19 @@ pub(crate) fn render(md: &mut String, rows: &[CompareRow], args: &Args) {
          (the downgrade log) in JSON with `max_connections_per_ip = 0`. CPU and RSS are the \
          proxy's whole process tree from /proc. CPU per handshake counts the whole connection \
          (handshake, a 32-byte echo, close). Load average at the end: {}. Throughput and \
-         handshakes/s move with other load on the machine; CPU per handshake and RSS much less.\n",
+         handshakes/s move with other load on the machine; CPU per handshake and RSS much less. \
+         {offer}\n",
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
-            .join(" ")
+            .join(" "),
+        offer = match args.contenders_offer_tls13 {
+            true => "The other proxies offer TLS 1.2 and 1.3 upstream, as tlsbridge does.",
+            false =>
+                "The other proxies offer TLS 1.2 only upstream (tlsbridge offers 1.2 and \
+                      1.3, so it also computes a TLS 1.3 key share; `--contenders-offer-tls13` \
+                      makes them do the same).",
+        }
     );
     let _ = writeln!(
         md,

@@ -93,6 +93,10 @@ struct Args {
         value_name = "NAME,.."
     )]
     contenders: Vec<String>,
+    /// Let nginx, HAProxy and stunnel offer TLS 1.3 as well as 1.2 upstream, as tlsbridge does
+    /// (compare scenario). Without it they offer TLS 1.2 only and send no TLS 1.3 key share.
+    #[arg(long)]
+    contenders_offer_tls13: bool,
     /// Idle relayed connections for the memory-per-connection figure (compare scenario).
     #[arg(long, default_value_t = 2000, value_name = "N")]
     compare_idle: usize,
