@@ -10,6 +10,7 @@
 #   scripts/bench.sh                      # the comparison: about 5 minutes on 2 cores
 #   scripts/bench.sh --contenders nginx --burst 0 --duration 3      # a quicker look
 #   scripts/bench.sh --scenarios handshake,smtp,throughput,idle     # tlsbridge alone, in detail
+#   scripts/bench.sh --contenders-offer-tls13   # the others offer TLS 1.2 and 1.3 upstream too
 #   scripts/bench.sh --help               # the load generator's options
 #
 # Nothing listens on or connects to anything but loopback. The proxy runs as a child process
