@@ -275,12 +275,14 @@ impl LineFormat for FlatJson {
         event.record(&mut JsonVisitor(&mut own));
         let target = json_str(meta.target());
         let level = json_str(meta.level().as_str());
-        let timestamp = json_str(&timestamp().to_string());
+        // RFC 3339: nothing in it needs escaping.
+        let timestamp = format!("\"{}\"", timestamp());
         // Highest precedence first: the target, the event's own fields (the last of a name),
         // level and timestamp, then the spans' from the outermost in. The sort is stable, so
         // the first of each name is the one kept.
         let mut fields: Vec<(&str, &str)> = vec![("target", &target)];
-        fields.extend(own.iter().collect::<Vec<_>>().into_iter().rev());
+        fields.extend(own.iter());
+        fields[1..].reverse();
         fields.extend([("level", level.as_str()), ("timestamp", timestamp.as_str())]);
         for (_, kept) in spans {
             fields.extend(kept.iter());

@@ -314,6 +314,8 @@ pub fn failure_cause(err: &std::io::Error) -> UpstreamFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
 
     #[test]
     fn certificate_expiry_is_parsed_once_per_certificate_and_stays_right() {
@@ -336,8 +338,6 @@ mod tests {
         assert!(PARSED.lock().unwrap().len() <= KEEP);
         assert_eq!(certificate_expiry(b"not a certificate"), None);
     }
-    use std::os::unix::fs::PermissionsExt;
-    use std::time::Duration;
 
     fn upstream_tls() -> UpstreamTlsConfig {
         UpstreamTlsConfig {
