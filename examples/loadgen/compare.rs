@@ -2,8 +2,8 @@
 //! (stream module), HAProxy and stunnel, each configured for tlsbridge's job: TLS 1.0 and up from
 //! devices with `DEFAULT:@SECLEVEL=0` and an RSA-2048 certificate, a verified TLS 1.2 connection
 //! to the upstream (the others offer TLS 1.2 only, or 1.2 and 1.3 as tlsbridge does with
-//! `--contenders-offer-tls13`). Each proxy is a fresh process pinned to CPU 0 (`taskset -c 0`); the loadgen
-//! and its upstreams run on CPU 1 when scripts/bench.sh starts it.
+//! `--contenders-offer-tls13`). Each proxy is a fresh process pinned to CPU 0 (`taskset -c 0`);
+//! the loadgen and its upstreams run on CPU 1 when scripts/bench.sh starts it.
 //!
 //! Per proxy, in this order: a warm-up, the RSS baseline, 2,000 idle relayed connections (RSS per
 //! connection), a burst to 8,000 open connections (peak RSS), all closed, RSS 10 s later; then
